@@ -1,0 +1,211 @@
+"""Integer compute backends for the int8 ops.
+
+A backend does the int8 work of one conv or dense layer: quantizers, and int8 x int8 products accumulated in
+int32 and rescaled to float32 in the epilogue. Layouts are canonical, channels last:
+
+  conv input   lhs  [N, *S, Cin]            (S: spatial input size)
+  conv kernel  rhs  [*K, Cin // G, Cout]    (G: feature_group_count)
+  conv output  out  [N, *O, Cout]
+
+``XlaBackend`` (name ``"xla"``) runs anywhere through ``lax`` with ``preferred_element_type=int32``; its integer
+results are exact. It splits long reductions so that int32 cannot overflow and adds the partial sums in float32.
+``jint8.pallas`` registers the GPU kernels as ``"pallas"``; ``get_backend("pallas")`` imports it on demand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jint8 import quant
+
+# Longest int32 reduction of int8 x int8 products that cannot overflow: 127^2 * n < 2^31.
+MAX_EXACT_TERMS = (2 ** 31 - 1) // (quant.QMAX * quant.QMAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+  """Everything about a conv but its operands: strides, explicit padding, kernel dilation, groups."""
+
+  window_strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  rhs_dilation: tuple[int, ...]
+  feature_group_count: int = 1
+
+  @property
+  def ndim(self) -> int:
+    return len(self.window_strides)
+
+  def out_spatial(self, in_spatial: Sequence[int], kernel_spatial: Sequence[int]) -> tuple[int, ...]:
+    """The output's spatial size for an input and kernel of the given spatial sizes."""
+    return tuple(
+        (s + lo + hi - (k - 1) * d - 1) // st + 1
+        for s, k, (lo, hi), d, st in zip(in_spatial, kernel_spatial, self.padding, self.rhs_dilation,
+                                          self.window_strides))
+
+
+class Backend(Protocol):
+  """What an integer backend provides. Every product returns float32 ``int32_result * scale``."""
+
+  name: str
+
+  def quantize(self, x: jax.Array, clip: jax.Array) -> jax.Array:
+    """Round-to-nearest int8 quantization of ``x`` with a per-tensor clip (activations, weights)."""
+
+  def quantize_gradient(self, g: jax.Array, clip: jax.Array, search: jax.Array, key: jax.Array, *,
+                        ratios: np.ndarray, dsgc: bool, stochastic: bool):
+    """Quantizes a gradient: ``(gq int8, clip_used, deviation, finite)``.
+
+    When ``dsgc`` and (``search`` or no clip yet), the clip is found by ``quant.dsgc_search`` over ``ratios``;
+    else with ``dsgc`` the given ``clip`` is used; without ``dsgc`` the clip is max|g|. ``deviation`` is the
+    cosine deviation of ``g`` against the int8 result, measured on every call. A non-finite ``g`` gives
+    ``finite = False`` and meaningless other outputs: the caller must not use them.
+    """
+
+  def conv(self, lhs: jax.Array, rhs: jax.Array, geometry: ConvGeometry, scale: jax.Array) -> jax.Array:
+    """Forward conv of int8 ``lhs`` and ``rhs``: float32 ``[N, *O, Cout]``."""
+
+  def conv_dgrad(self, g: jax.Array, rhs: jax.Array, geometry: ConvGeometry, in_spatial: Sequence[int],
+                 scale: jax.Array) -> jax.Array:
+    """Gradient w.r.t. the conv input from int8 ``g [N, *O, Cout]`` and ``rhs``: float32 ``[N, *S, Cin]``."""
+
+  def conv_wgrad(self, lhs: jax.Array, g: jax.Array, geometry: ConvGeometry, kernel_spatial: Sequence[int],
+                 scale: jax.Array) -> jax.Array:
+    """Gradient w.r.t. the kernel from int8 ``lhs`` and ``g``: float32 ``[*K, Cin // G, Cout]``."""
+
+  def matmul(self, a: jax.Array, b: jax.Array, contract: tuple[int, int], scale: jax.Array) -> jax.Array:
+    """2-D int8 product contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``: float32."""
+
+
+def _channels_last_dims(nd: int) -> lax.ConvDimensionNumbers:
+  spatial = tuple(range(1, nd + 1))
+  return lax.ConvDimensionNumbers(
+      lhs_spec=(0, nd + 1) + spatial,
+      rhs_spec=(nd + 1, nd) + tuple(range(nd)),
+      out_spec=(0, nd + 1) + spatial)
+
+
+def _chunked_sum(fn, n: int, chunk: int):
+  """Sums ``fn(start, size)`` (an int32 partial) over ``[0, n)`` in chunks of ``chunk``, in float32."""
+  total = None
+  for start in range(0, n, chunk):
+    part = fn(start, min(chunk, n - start)).astype(jnp.float32)
+    total = part if total is None else total + part
+  return total
+
+
+def _check_terms(terms: int, what: str):
+  if terms > MAX_EXACT_TERMS:
+    raise NotImplementedError(
+        f'{what} reduces over {terms} int8 products per output, more than the {MAX_EXACT_TERMS} an int32 '
+        'accumulator holds exactly; split the layer (fewer input channels per group) or keep it in float')
+
+
+class XlaBackend:
+  """Reference backend: ``lax`` convs and dots on int8 operands with int32 accumulation. Runs anywhere."""
+
+  name = 'xla'
+
+  def quantize(self, x, clip):
+    return quant.quantize(x, clip)
+
+  def quantize_gradient(self, g, clip, search, key, *, ratios, dsgc, stochastic):
+    finite = quant.all_finite(g)
+    g = jnp.where(finite, g, jnp.zeros_like(g))
+    if dsgc:
+      needs_search = jnp.logical_or(search > 0, clip <= 0)
+      clip = lax.cond(needs_search, lambda: quant.dsgc_search(g, ratios).clip,
+                      lambda: quant.safe_clip(clip))
+    else:
+      clip = quant.safe_clip(quant.max_abs(g))
+    gq = quant.quantize(g, clip, key=key if stochastic else None)
+    return gq, clip, quant.cosine_deviation(g, gq), finite
+
+  def conv(self, lhs, rhs, geometry, scale):
+    nd = geometry.ndim
+    _check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd], 'int8 conv forward')
+    y = lax.conv_general_dilated(
+        lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
+        dimension_numbers=_channels_last_dims(nd), feature_group_count=geometry.feature_group_count,
+        preferred_element_type=jnp.int32)
+    return y.astype(jnp.float32) * scale
+
+  def conv_dgrad(self, g, rhs, geometry, in_spatial, scale):
+    # dx is the conv of g, dilated by the strides, with the spatially flipped kernel whose input and output
+    # channels are swapped inside each group.
+    nd, groups = geometry.ndim, geometry.feature_group_count
+    kernel, cin_g, cout = rhs.shape[:nd], rhs.shape[nd], rhs.shape[nd + 1]
+    _check_terms(math.prod(kernel) * cout // groups, 'int8 conv dgrad')
+    w = jnp.flip(rhs, axis=tuple(range(nd))).reshape(*kernel, cin_g, groups, cout // groups)
+    w = jnp.transpose(w, tuple(range(nd)) + (nd + 2, nd + 1, nd)).reshape(*kernel, cout // groups,
+                                                                          groups * cin_g)
+    out_spatial = g.shape[1:-1]
+    pads = []
+    for s, k, o, (lo, _), d, st in zip(in_spatial, kernel, out_spatial, geometry.padding,
+                                       geometry.rhs_dilation, geometry.window_strides):
+      pads.append(((k - 1) * d - lo, s - (o - 1) * st - 1 + lo))
+    dx = lax.conv_general_dilated(
+        g, w, (1,) * nd, pads, lhs_dilation=geometry.window_strides, rhs_dilation=geometry.rhs_dilation,
+        dimension_numbers=_channels_last_dims(nd), feature_group_count=groups,
+        preferred_element_type=jnp.int32)
+    return dx.astype(jnp.float32) * scale
+
+  def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):
+    # dw is a conv that contracts the batch: lhs as [Cin, *S, N] (channels as batch), g as [*O, N, Cout].
+    nd = geometry.ndim
+    in_spatial, out_spatial = lhs.shape[1:-1], g.shape[1:-1]
+    per_image = math.prod(out_spatial)
+    _check_terms(per_image, 'int8 conv wgrad (one image)')
+    pads = tuple((lo, (k - 1) * d + (o - 1) * st + 1 - s - lo)
+                 for s, k, o, (lo, _), d, st in zip(in_spatial, kernel_spatial, out_spatial, geometry.padding,
+                                                    geometry.rhs_dilation, geometry.window_strides))
+    x_t = jnp.moveaxis(lhs, 0, -1)          # [*S, Cin, N]
+    x_t = jnp.moveaxis(x_t, -2, 0)          # [Cin, *S, N]
+    g_t = jnp.moveaxis(g, 0, -2)            # [*O, N, Cout]
+
+    def partial_sum(start, size):
+      return lax.conv_general_dilated(
+          lax.slice_in_dim(x_t, start, start + size, axis=nd + 1),
+          lax.slice_in_dim(g_t, start, start + size, axis=nd),
+          geometry.rhs_dilation, pads, rhs_dilation=geometry.window_strides,
+          dimension_numbers=_channels_last_dims(nd), batch_group_count=geometry.feature_group_count,
+          preferred_element_type=jnp.int32)
+
+    dw = _chunked_sum(partial_sum, lhs.shape[0], max(1, MAX_EXACT_TERMS // per_image))  # [Cin/G, *K, Cout]
+    return jnp.moveaxis(dw, 0, nd) * scale
+
+  def matmul(self, a, b, contract, scale):
+    n = a.shape[contract[0]]
+    chunk = MAX_EXACT_TERMS
+
+    def partial_sum(start, size):
+      return lax.dot_general(lax.slice_in_dim(a, start, start + size, axis=contract[0]),
+                             lax.slice_in_dim(b, start, start + size, axis=contract[1]),
+                             (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.int32)
+
+    return _chunked_sum(partial_sum, n, chunk) * scale
+
+
+_BACKENDS: dict[str, Backend] = {'xla': XlaBackend()}
+_LAZY = {'pallas': 'jint8.pallas'}
+
+
+def register_backend(backend: Backend) -> None:
+  """Makes ``backend`` available to the ops under ``backend.name``."""
+  _BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+  """The backend registered under ``name`` (``"xla"``, or ``"pallas"`` once ``jint8.pallas`` imports)."""
+  if name not in _BACKENDS and name in _LAZY:
+    importlib.import_module(_LAZY[name])
+  if name not in _BACKENDS:
+    raise ValueError(f'unknown int8 backend {name!r}; available: {sorted(set(_BACKENDS) | set(_LAZY))}')
+  return _BACKENDS[name]
