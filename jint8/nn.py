@@ -1,0 +1,146 @@
+"""Flax Linen integration: int8 conv / dot op modules and one-call conversion of an existing model.
+
+The op modules plug into Flax's own layers::
+
+  nn.Conv(64, (3, 3), conv_general_dilated_cls=functools.partial(Int8ConvGeneralDilated, config=cfg))
+  nn.Dense(10, dot_general_cls=functools.partial(Int8DotGeneral, config=cfg))
+
+and keep their quantization state in the variable collection ``STATE_COLLECTION``. ``Int8Model`` makes every
+``nn.Conv`` / ``nn.Dense`` of an existing model int8 without touching the model's code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import zlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jint8 import ops
+from jint8.ops import Int8Config, QuantState
+
+STATE_COLLECTION = 'int8_state'
+
+__all__ = ['STATE_COLLECTION', 'Int8Config', 'Int8ConvGeneralDilated', 'Int8DotGeneral', 'Int8Model',
+           'Int8Policy', 'layer_stats']
+
+
+class _Int8Op(nn.Module):
+  """Owns a layer's ``QuantState`` variables and derives the per-step rounding key."""
+
+  config: Int8Config = Int8Config()
+
+  def quant_state(self) -> QuantState:
+    initial = QuantState.initial()
+    return QuantState(*(self.variable(STATE_COLLECTION, name, lambda v=value: v).value
+                        for name, value in zip(QuantState._fields, initial)))
+
+  def rounding_key(self, step: jax.Array) -> jax.Array:
+    """A key that differs per seed, layer (its module path) and optimizer step."""
+    layer = zlib.crc32('/'.join(self.path).encode()) & 0x7FFFFFFF
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), layer)
+    return jax.random.fold_in(key, step.astype(jnp.uint32))
+
+
+class Int8ConvGeneralDilated(_Int8Op):
+  """Drop-in for ``lax.conv_general_dilated`` inside ``nn.Conv`` (``conv_general_dilated_cls``)."""
+
+  @nn.compact
+  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+               preferred_element_type=None):
+    state = self.quant_state()
+    return ops.int8_conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type, state=state,
+        key=self.rounding_key(state.step), config=self.config)
+
+
+class Int8DotGeneral(_Int8Op):
+  """Drop-in for ``lax.dot_general`` inside ``nn.Dense`` (``dot_general_cls``)."""
+
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    state = self.quant_state()
+    return ops.int8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                state=state, key=self.rounding_key(state.step), config=self.config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Policy:
+  """Which ``nn.Conv`` / ``nn.Dense`` layers ``Int8Model`` makes int8.
+
+  Attributes:
+    keep_first_conv_float: the first conv called stays float (as in the paper).
+    keep_dense_float: ``nn.Dense`` layers (a CNN's classifier) stay float.
+    float_layers: regular expressions; a layer whose path inside the wrapped model (``"stage1/block0/Conv_1"``)
+      matches one stays float.
+  """
+
+  keep_first_conv_float: bool = True
+  keep_dense_float: bool = True
+  float_layers: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for pattern in self.float_layers:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f'Int8Policy.float_layers: bad regular expression {pattern!r}: {e}') from None
+
+
+class Int8Model(nn.Module):
+  """Runs ``model`` with its ``nn.Conv`` and ``nn.Dense`` layers made int8 (per ``policy``).
+
+  The model's variables nest under ``"model"``; each int8 layer adds its state to ``STATE_COLLECTION``.
+  Layers given their own ``conv_general_dilated(_cls)`` / ``dot_general(_cls)`` are left alone.
+  """
+
+  model: nn.Module
+  config: Int8Config = Int8Config()
+  policy: Int8Policy = Int8Policy()
+
+  def __call__(self, *args, **kwargs):
+    first_conv_seen = []
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      module = context.module
+      if context.method_name != '__call__':
+        return next_fun(*call_args, **call_kwargs)
+      if isinstance(module, nn.Conv):
+        attribute, op = 'conv_general_dilated_cls', Int8ConvGeneralDilated
+        is_first = not first_conv_seen
+        first_conv_seen.append(module.path)
+        keep = (self.policy.keep_first_conv_float and is_first) or module.conv_general_dilated is not None
+      elif isinstance(module, nn.Dense):
+        attribute, op = 'dot_general_cls', Int8DotGeneral
+        keep = self.policy.keep_dense_float or module.dot_general is not None
+      else:
+        return next_fun(*call_args, **call_kwargs)
+      name = '/'.join(module.path[len(self.path) + 1:])
+      if keep or getattr(module, attribute) is not None or any(
+          re.search(p, name) for p in self.policy.float_layers):
+        return next_fun(*call_args, **call_kwargs)
+      # Flax modules are frozen dataclasses: set the op class for the duration of this call only.
+      object.__setattr__(module, attribute, functools.partial(op, config=self.config))
+      try:
+        return next_fun(*call_args, **call_kwargs)
+      finally:
+        object.__setattr__(module, attribute, None)
+
+    with nn.intercept_methods(interceptor):
+      return self.model(*args, **kwargs)
+
+
+def layer_stats(int8_state) -> dict[str, dict[str, jax.Array]]:
+  """Per-layer ``grad_clip``, ``grad_deviation``, ``input_clip``, ``nonfinite`` keyed by the layer's path."""
+  stats: dict[str, dict[str, jax.Array]] = {}
+  for path, value in traverse_util.flatten_dict(dict(int8_state)).items():
+    if path[-1] in ('grad_clip', 'grad_deviation', 'input_clip', 'nonfinite'):
+      stats.setdefault('/'.join(path[:-2]), {})[path[-1]] = value
+  return stats

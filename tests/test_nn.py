@@ -1,0 +1,129 @@
+"""Flax integration: op modules, one-call conversion, state semantics across repeated applications."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jint8 import nn as jnn
+from jint8 import ops
+
+
+class SmallCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.relu(nn.Conv(8, (3, 3), name='stem')(x))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2, feature_group_count=2)(x))
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8, name='depthwise')(x))
+    return nn.Dense(10, name='classifier')(x.mean((1, 2)))
+
+
+@pytest.fixture
+def rng(request):
+  return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+def _int8_layers(variables):
+  return set(jnn.layer_stats(variables[jnn.STATE_COLLECTION]))
+
+
+def test_int8_model_default_policy_keeps_first_conv_and_dense_float(rng):
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  variables = jnn.Int8Model(SmallCNN()).init(jax.random.PRNGKey(0), x)
+  assert _int8_layers(variables) == {'model/Conv_0', 'model/depthwise'}
+  state = variables[jnn.STATE_COLLECTION]['model']['Conv_0']['Int8ConvGeneralDilated_0']
+  assert set(state) == set(ops.QuantState._fields)
+  assert float(state['search']) == 1.0 and float(state['grad_clip']) == 0.0
+
+
+def test_int8_model_policy_options(rng):
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  everything = jnn.Int8Policy(keep_first_conv_float=False, keep_dense_float=False)
+  variables = jnn.Int8Model(SmallCNN(), policy=everything).init(jax.random.PRNGKey(0), x)
+  assert _int8_layers(variables) == {'model/stem', 'model/Conv_0', 'model/depthwise', 'model/classifier'}
+  no_depthwise = jnn.Int8Policy(float_layers=('^depth',))
+  variables = jnn.Int8Model(SmallCNN(), policy=no_depthwise).init(jax.random.PRNGKey(0), x)
+  assert _int8_layers(variables) == {'model/Conv_0'}
+  with pytest.raises(ValueError, match='bad regular expression'):
+    jnn.Int8Policy(float_layers=('(',))
+
+
+def test_int8_model_output_and_grads_close_to_float(rng):
+  x = jnp.asarray(rng.normal(size=(4, 9, 9, 3)), jnp.float32)
+  model = jnn.Int8Model(SmallCNN())
+  variables = model.init(jax.random.PRNGKey(1), x)
+  params, state = variables['params'], variables[jnn.STATE_COLLECTION]
+
+  @jax.jit
+  def grads(params, state):
+    int8 = jax.grad(lambda p: (model.apply({'params': p, jnn.STATE_COLLECTION: state}, x) ** 2).mean())(params)
+    ref = jax.grad(lambda p: (SmallCNN().apply({'params': p['model']}, x) ** 2).mean())(params)
+    return int8, ref
+
+  g_int8, g_ref = grads(params, state)
+  for layer in ('Conv_0', 'depthwise', 'classifier', 'stem'):
+    a, b = (np.ravel(t['model'][layer]['kernel']) for t in (g_int8, g_ref))
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99, layer
+
+
+def test_explicit_op_modules_plug_into_flax_layers(rng):
+  config = jnn.Int8Config(stochastic_rounding=False)
+
+  class Explicit(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3), conv_general_dilated_cls=functools.partial(jnn.Int8ConvGeneralDilated,
+                                                                          config=config))(x)
+      return nn.Dense(3, dot_general_cls=functools.partial(jnn.Int8DotGeneral, config=config))(x)
+
+  x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+  variables = Explicit().init(jax.random.PRNGKey(0), x)
+  assert _int8_layers(variables) == {'Conv_0', 'Dense_0'}
+  y = Explicit().apply(variables, x)
+  assert y.shape == (2, 5, 5, 3) and np.isfinite(np.asarray(y)).all()
+
+
+class Shared(nn.Module):
+  """One conv applied three times (like a detection head shared across pyramid levels)."""
+
+  @nn.compact
+  def __call__(self, xs):
+    conv = nn.Conv(4, (3, 3), conv_general_dilated_cls=functools.partial(
+        jnn.Int8ConvGeneralDilated, config=jnn.Int8Config(stochastic_rounding=False)))
+    return sum((conv(x) ** 2).sum() for x in xs)
+
+
+class Separate(nn.Module):
+  """The same computation with three distinct layers."""
+
+  @nn.compact
+  def __call__(self, xs):
+    total = 0.0
+    for i, x in enumerate(xs):
+      conv = nn.Conv(4, (3, 3), name=f'conv{i}', conv_general_dilated_cls=functools.partial(
+          jnn.Int8ConvGeneralDilated, config=jnn.Int8Config(stochastic_rounding=False)))
+      total = total + (conv(x) ** 2).sum()
+    return total
+
+
+def test_layer_applied_three_times_counts_uses_and_sums_state(rng):
+  xs = [jnp.asarray(rng.normal(size=(2, 6 + i, 6, 3)) * (i + 1), jnp.float32) for i in range(3)]
+  shared = Shared().init(jax.random.PRNGKey(0), xs)
+  kernel = shared['params']['Conv_0']
+  separate_params = {f'conv{i}': kernel for i in range(3)}
+  separate_state = Separate().init(jax.random.PRNGKey(0), xs)[jnn.STATE_COLLECTION]
+
+  def state_grad(module, params, state):
+    return jax.jit(jax.grad(lambda s: module.apply({'params': params, jnn.STATE_COLLECTION: s}, xs)))(state)
+
+  got = state_grad(Shared(), shared['params'], shared[jnn.STATE_COLLECTION])['Conv_0']['Int8ConvGeneralDilated_0']
+  per_use = state_grad(Separate(), separate_params, separate_state)
+  per_use = [per_use[f'conv{i}']['Int8ConvGeneralDilated_0'] for i in range(3)]
+  assert float(got['uses']) == 3.0
+  for name in ('grad_clip', 'grad_deviation', 'input_clip'):
+    values = [float(u[name]) for u in per_use]
+    assert len(set(values)) == 3, name  # the three applications really differ
+    np.testing.assert_allclose(float(got[name]), sum(values), rtol=1e-5)

@@ -1,0 +1,274 @@
+"""int8 ops: exact integer math of the reference backend, gradients against float64 references, state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jint8 import backend as backend_lib
+from jint8 import ops, quant
+from jint8.ops import Int8Config, QuantState
+
+XLA = backend_lib.get_backend('xla')
+
+# (batch, spatial, cin, cout, kernel, strides, padding, dilation, groups)
+CONV_CASES = [
+    (2, (9, 9), 4, 6, (3, 3), (1, 1), 'SAME', (1, 1), 1),
+    (2, (9, 8), 4, 6, (3, 3), (2, 2), 'SAME', (1, 1), 2),           # strided, grouped, odd sizes
+    (3, (10, 7), 6, 6, (3, 3), (2, 1), ((1, 2), (0, 1)), (2, 1), 6),  # depthwise, explicit pads, dilated
+    (2, (7, 7), 3, 5, (1, 1), (2, 2), 'VALID', (1, 1), 1),          # strided 1x1
+    (2, (11,), 4, 8, (5,), (3,), 'SAME', (2,), 2),                   # 1-D
+    (1, (8, 8), 8, 8, (3, 3), (1, 1), 'VALID', (3, 3), 8),           # depthwise, dilation 3
+]
+CASE_IDS = ['3x3', 'strided-grouped', 'depthwise-dilated', '1x1-strided', '1d', 'depthwise-valid']
+
+
+def _dims(nd):
+  return backend_lib._channels_last_dims(nd)
+
+
+def _pads(case):
+  _, spatial, _, _, kernel, strides, padding, dilation, _ = case
+  if isinstance(padding, str):
+    return lax.padtype_to_pads(spatial, [(k - 1) * d + 1 for k, d in zip(kernel, dilation)], strides, padding)
+  return padding
+
+
+def _geometry(case):
+  _, _, _, _, _, strides, _, dilation, groups = case
+  return backend_lib.ConvGeometry(strides, tuple(map(tuple, _pads(case))), dilation, groups)
+
+
+def _float_conv(case, precision=lax.Precision.HIGHEST):
+  _, _, _, _, _, strides, _, dilation, groups = case
+  return lambda x, w: lax.conv_general_dilated(
+      x, w, strides, _pads(case), rhs_dilation=dilation, dimension_numbers=_dims(len(strides)),
+      feature_group_count=groups, precision=precision)
+
+
+def _value_and_vjp(f, g_fn):
+  """Runs ``f``'s forward and its vjp with the cotangent ``g_fn(y)`` in one jitted call."""
+
+  @jax.jit
+  def run(*args):
+    y, vjp = jax.vjp(f, *args)
+    return y, vjp(g_fn(y))
+
+  return run
+
+
+def _int8(rng, shape):
+  return rng.integers(-127, 128, shape).astype(np.int8)
+
+
+@pytest.fixture
+def rng(request):
+  return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+@pytest.mark.parametrize('case', CONV_CASES, ids=CASE_IDS)
+def test_xla_backend_conv_is_exact(rng, case):
+  n, spatial, cin, cout, kernel, _, _, _, groups = case
+  x, w = _int8(rng, (n, *spatial, cin)), _int8(rng, (*kernel, cin // groups, cout))
+  y, vjp = jax.vjp(_float_conv(case), x.astype(np.float32), w.astype(np.float32))
+  g = _int8(rng, y.shape)
+  dx, dw = vjp(g.astype(np.float32))  # float32 sums of these few int products are exact
+  geometry = _geometry(case)
+  np.testing.assert_array_equal(np.asarray(XLA.conv(x, w, geometry, 1.0)), np.asarray(y))
+  np.testing.assert_array_equal(np.asarray(XLA.conv_dgrad(g, w, geometry, spatial, 1.0)), np.asarray(dx))
+  np.testing.assert_array_equal(np.asarray(XLA.conv_wgrad(x, g, geometry, kernel, 1.0)), np.asarray(dw))
+
+
+def test_wgrad_splits_reductions_that_would_overflow_int32(rng):
+  # 35 images of 64x64 outputs: 143,360 products of 127 * 127 per kernel tap, past int32's 2^31.
+  x = np.full((35, 64, 64, 1), 127, np.int8) * rng.choice([-1, 1], size=(35, 64, 64, 1)).astype(np.int8)
+  g = x.copy()
+  geometry = backend_lib.ConvGeometry((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+  dw = XLA.conv_wgrad(x, g, geometry, (1, 1), 1.0)
+  expected = float(np.sum(x.astype(np.int64) * g.astype(np.int64)))
+  assert expected > 2**31
+  np.testing.assert_allclose(float(dw[0, 0, 0, 0]), expected, rtol=1e-6)
+
+
+def test_matmul_is_exact_and_splits_long_reductions(rng):
+  a, b = _int8(rng, (5, 37)), _int8(rng, (37, 3))
+  np.testing.assert_array_equal(np.asarray(XLA.matmul(a, b, (1, 0), 1.0)),
+                                a.astype(np.int64) @ b.astype(np.int64))
+  np.testing.assert_array_equal(np.asarray(XLA.matmul(a.T.copy(), b, (0, 0), 1.0)),
+                                a.astype(np.int64) @ b.astype(np.int64))
+  long = np.full((1, backend_lib.MAX_EXACT_TERMS + 1000), 127, np.int8)
+  out = XLA.matmul(long, long.T.copy(), (1, 0), 1.0)
+  np.testing.assert_allclose(float(out[0, 0]), 127.0 * 127 * long.shape[1], rtol=1e-6)
+
+
+def _state(**kw):
+  return QuantState.initial()._replace(**{k: jnp.asarray(v, jnp.float32) for k, v in kw.items()})
+
+
+def _cosine(a, b):
+  a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+  return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize('case', CONV_CASES, ids=CASE_IDS)
+def test_int8_conv_matches_float64(rng, case):
+  n, spatial, cin, cout, kernel, strides, padding, dilation, groups = case
+  x = rng.normal(size=(n, *spatial, cin)).astype(np.float32)
+  w = rng.normal(size=(*kernel, cin // groups, cout)).astype(np.float32)
+  key = jax.random.PRNGKey(int(rng.integers(2**31)))
+
+  def int8_conv(x, w):
+    return ops.int8_conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                         dimension_numbers=_dims(len(strides)), feature_group_count=groups,
+                                         state=_state(), key=key)
+
+  out_shape = jax.eval_shape(int8_conv, x, w).shape
+  g = rng.normal(size=out_shape).astype(np.float32)
+  y, (dx, dw) = _value_and_vjp(int8_conv, lambda y: g)(x, w)
+  with jax.enable_x64(True):
+    y64, (dx64, dw64) = _value_and_vjp(_float_conv(case), lambda y: g.astype(np.float64))(
+        x.astype(np.float64), w.astype(np.float64))
+  # Stated thresholds: round-to-nearest int8 forward; stochastic-rounded int8 gradients.
+  assert _cosine(y, y64) > 0.9995
+  assert _cosine(dx, dx64) > 0.995
+  assert _cosine(dw, dw64) > 0.995
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+
+
+def test_int8_conv_is_exact_on_integer_valued_inputs(rng):
+  # With max-abs 127, quantization is the identity, so the op computes the exact integer conv and gradients.
+  case = CONV_CASES[1]
+  n, spatial, cin, cout, kernel, strides, padding, dilation, groups = case
+  x = _int8(rng, (n, *spatial, cin)).astype(np.float32)
+  w = _int8(rng, (*kernel, cin // groups, cout)).astype(np.float32)
+  x.flat[0], w.flat[0] = 127, -127
+  config = Int8Config(dsgc=False, stochastic_rounding=False)
+
+  def int8_conv(x, w):
+    return ops.int8_conv_general_dilated(x, w, strides, padding, dimension_numbers=_dims(2),
+                                         feature_group_count=groups, state=_state(),
+                                         key=jax.random.PRNGKey(0), config=config)
+
+  g = _int8(rng, jax.eval_shape(int8_conv, x, w).shape).astype(np.float32)
+  g.flat[0] = 127
+  y, grads = _value_and_vjp(int8_conv, lambda y: g)(x, w)
+  y_ref, grads_ref = _value_and_vjp(_float_conv(case), lambda y: g)(x, w)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  for got, ref in zip(grads, grads_ref):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_conv_keeps_int8_residuals(rng):
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.bfloat16)
+  geometry = backend_lib.ConvGeometry((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+  y, residuals = ops._conv_fwd(x, w, _state(), jax.random.PRNGKey(0), geometry, Int8Config())
+  xq, wq = residuals[:2]
+  assert y.dtype == jnp.bfloat16
+  assert xq.dtype == wq.dtype == jnp.int8 and xq.shape == x.shape and wq.shape == w.shape
+  # The activation residual takes half the bytes of the bf16 activation it replaces.
+  assert xq.nbytes * 2 == x.nbytes
+
+
+def test_nchw_dimension_numbers(rng):
+  x = rng.normal(size=(2, 4, 9, 9)).astype(np.float32)   # NCHW
+  w = rng.normal(size=(6, 4, 3, 3)).astype(np.float32)   # OIHW
+  dn = ('NCHW', 'OIHW', 'NCHW')
+  y = ops.int8_conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=dn, state=_state(),
+                                    key=jax.random.PRNGKey(0))
+  ref = lax.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=dn, precision='highest')
+  assert y.shape == ref.shape
+  assert _cosine(y, ref) > 0.9995
+
+
+def test_state_cotangent_search_and_reuse(rng):
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  g = (rng.standard_t(2.0, size=(2, 6, 6, 4)) * 1e-3).astype(np.float32)
+
+  def state_cotangent(state):
+    f = lambda s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
+                                                key=jax.random.PRNGKey(1))
+    return _value_and_vjp(f, lambda y: g)(state)[1][0]
+
+  searched = state_cotangent(_state(search=1.0))
+  expected = quant.dsgc_search(jnp.asarray(g))
+  np.testing.assert_allclose(float(searched.grad_clip), float(expected.clip), rtol=1e-6)
+  assert float(searched.uses) == 1.0 and float(searched.nonfinite) == 0.0
+  assert 0 < float(searched.grad_deviation) < 0.1
+  np.testing.assert_allclose(float(searched.input_clip), np.abs(x).max(), rtol=1e-6)
+  assert float(searched.search) == float(searched.step) == 0.0
+  # Between searches the stored clip is used as it is, and the deviation is still measured.
+  reused = state_cotangent(_state(search=0.0, grad_clip=0.123))
+  np.testing.assert_allclose(float(reused.grad_clip), 0.123, rtol=1e-6)
+  assert float(reused.grad_deviation) > 0
+
+
+def test_nonfinite_gradient_is_reported_not_quantized(rng):
+  x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  state = _state(search=0.0, grad_clip=0.5, grad_deviation=0.01)
+  f = lambda x, w, s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2),
+                                                    state=s, key=jax.random.PRNGKey(0))
+  g = rng.normal(size=jax.eval_shape(f, x, w, state).shape).astype(np.float32)
+  g[0, 1, 2, 3] = np.inf
+  _, (dx, dw, cot) = _value_and_vjp(f, lambda y: g)(x, w, state)
+  assert np.isnan(np.asarray(dx)).all() and np.isnan(np.asarray(dw)).all()
+  assert float(cot.nonfinite) == 1.0
+  assert float(cot.grad_clip) == 0.5 and float(cot.grad_deviation) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize('lhs_shape,dims', [((2, 3, 5, 7), (((3,), (0,)), ((), ()))),
+                                            ((7, 4, 3), (((0, 2), (1, 0)), ((), ())))])
+def test_int8_dot_general_matches_float64(rng, lhs_shape, dims):
+  (lc, rc), _ = dims
+  rhs_shape = [0] * (len(rc) + 1)
+  for l, r in zip(lc, rc):
+    rhs_shape[r] = lhs_shape[l]
+  rhs_shape[[i for i in range(len(rhs_shape)) if i not in rc][0]] = 6
+  x = rng.normal(size=lhs_shape).astype(np.float32)
+  w = rng.normal(size=rhs_shape).astype(np.float32)
+  f = lambda x, w: ops.int8_dot_general(x, w, dims, state=_state(), key=jax.random.PRNGKey(3))
+  g = rng.normal(size=jax.eval_shape(f, x, w).shape).astype(np.float32)
+  y, (dx, dw) = _value_and_vjp(f, lambda y: g)(x, w)
+  with jax.enable_x64(True):
+    y64, (dx64, dw64) = _value_and_vjp(lambda a, b: lax.dot_general(a, b, dims), lambda y: g.astype(np.float64))(
+        x.astype(np.float64), w.astype(np.float64))
+  assert y.shape == y64.shape and dx.shape == x.shape and dw.shape == w.shape
+  assert _cosine(y, y64) > 0.9995
+  assert _cosine(dx, dx64) > 0.995
+  assert _cosine(dw, dw64) > 0.995
+
+
+def test_bad_input_errors(rng):
+  x = rng.normal(size=(2, 5, 5, 4)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+  kw = dict(dimension_numbers=_dims(2), state=_state(), key=jax.random.PRNGKey(0))
+  with pytest.raises(TypeError, match='lhs must be a floating-point'):
+    ops.int8_conv_general_dilated(x.astype(np.int32), w, (1, 1), 'SAME', **kw)
+  with pytest.raises(NotImplementedError, match='lhs_dilation'):
+    ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', lhs_dilation=(2, 2), **kw)
+  with pytest.raises(ValueError, match='feature_group_count=3'):
+    ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', feature_group_count=3, **kw)
+  with pytest.raises(ValueError, match='contracting dimensions'):
+    ops.int8_dot_general(x, w, (((3,), (1,)), ((), ())), state=_state(), key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match='input_clip'):
+    Int8Config(input_clip='minmax')
+  with pytest.raises(ValueError, match='unknown int8 backend'):
+    backend_lib.get_backend('cuda-magic')
+
+
+def test_stored_input_clip_is_searched_then_reused(rng):
+  x = (rng.standard_t(2.0, size=(2, 6, 6, 3))).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  config = Int8Config(input_clip='stored')
+
+  def input_clip_cotangent(state):
+    f = lambda s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
+                                                key=jax.random.PRNGKey(1), config=config)
+    return float(_value_and_vjp(f, jnp.ones_like)(state)[1][0].input_clip)
+
+  np.testing.assert_allclose(input_clip_cotangent(_state(search=1.0)),
+                             float(quant.dsgc_search(jnp.asarray(x)).clip), rtol=1e-6)
+  assert input_clip_cotangent(_state(search=0.0, input_clip=0.75)) == pytest.approx(0.75)
