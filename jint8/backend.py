@@ -7,8 +7,8 @@ int32 and rescaled to float32 in the epilogue. Layouts are canonical, channels l
   conv kernel  rhs  [*K, Cin // G, Cout]    (G: feature_group_count)
   conv output  out  [N, *O, Cout]
 
-``XlaBackend`` (name ``"xla"``) runs anywhere through ``lax`` with ``preferred_element_type=int32``; its integer
-results are exact. It splits long reductions so that int32 cannot overflow and adds the partial sums in float32.
+``XlaBackend`` (name ``"xla"``) runs anywhere through ``lax`` with int32 accumulation; its integer results are
+exact. It splits long reductions so that int32 cannot overflow and adds the partial sums in float32.
 ``jint8.pallas`` registers the GPU kernels as ``"pallas"``; ``get_backend("pallas")`` imports it on demand.
 """
 
@@ -92,6 +92,12 @@ def _channels_last_dims(nd: int) -> lax.ConvDimensionNumbers:
       out_spec=(0, nd + 1) + spatial)
 
 
+def _conv_accumulator_type():
+  """int32 where XLA lowers s8 x s8 -> s32 convs; float32 on GPUs, where cuDNN takes only s8 x s8 -> f32
+  (it accumulates in int32 and converts at the end)."""
+  return jnp.float32 if jax.default_backend() == 'gpu' else jnp.int32
+
+
 def _chunked_sum(fn, n: int, chunk: int):
   """Sums ``fn(start, size)`` (an int32 partial) over ``[0, n)`` in chunks of ``chunk``, in float32."""
   total = None
@@ -134,7 +140,7 @@ class XlaBackend:
     y = lax.conv_general_dilated(
         lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
         dimension_numbers=_channels_last_dims(nd), feature_group_count=geometry.feature_group_count,
-        preferred_element_type=jnp.int32)
+        preferred_element_type=_conv_accumulator_type())
     return y.astype(jnp.float32) * scale
 
   def conv_dgrad(self, g, rhs, geometry, in_spatial, scale):
@@ -154,7 +160,7 @@ class XlaBackend:
     dx = lax.conv_general_dilated(
         g, w, (1,) * nd, pads, lhs_dilation=geometry.window_strides, rhs_dilation=geometry.rhs_dilation,
         dimension_numbers=_channels_last_dims(nd), feature_group_count=groups,
-        preferred_element_type=jnp.int32)
+        preferred_element_type=_conv_accumulator_type())
     return dx.astype(jnp.float32) * scale
 
   def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):
@@ -176,7 +182,7 @@ class XlaBackend:
           lax.slice_in_dim(g_t, start, start + size, axis=nd),
           geometry.rhs_dilation, pads, rhs_dilation=geometry.window_strides,
           dimension_numbers=_channels_last_dims(nd), batch_group_count=geometry.feature_group_count,
-          preferred_element_type=jnp.int32)
+          preferred_element_type=_conv_accumulator_type())
 
     dw = _chunked_sum(partial_sum, lhs.shape[0], max(1, MAX_EXACT_TERMS // per_image))  # [Cin/G, *K, Cout]
     return jnp.moveaxis(dw, 0, nd) * scale

@@ -21,11 +21,6 @@ class SmallCNN(nn.Module):
     return nn.Dense(10, name='classifier')(x.mean((1, 2)))
 
 
-@pytest.fixture
-def rng(request):
-  return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
-
-
 def _int8_layers(variables):
   return set(jnn.layer_stats(variables[jnn.STATE_COLLECTION]))
 

@@ -62,11 +62,6 @@ def _int8(rng, shape):
   return rng.integers(-127, 128, shape).astype(np.int8)
 
 
-@pytest.fixture
-def rng(request):
-  return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
-
-
 @pytest.mark.parametrize('case', CONV_CASES, ids=CASE_IDS)
 def test_xla_backend_conv_is_exact(rng, case):
   n, spatial, cin, cout, kernel, _, _, _, groups = case

@@ -1,0 +1,151 @@
+"""End-to-end train-step speed and memory: bf16 XLA against jint8 int8, in one run.
+
+Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8 int8 convs, DSGC search every ``period`` steps,
+DCLR) and ``int8-search`` (the DSGC search on every step). Synthetic data; SGD with momentum; BN in the
+model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the ratio to bf16 and the
+compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON under ``--out``.
+
+  python bench/train_step.py --models resnet50,resnet20,mobilenet_v2 --backend pallas --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jint8
+from jint8 import models
+
+# model -> (image size, batch size, classes)
+SHAPES = {'resnet50': (224, 256, 1000), 'resnet18': (224, 256, 1000), 'resnet20': (32, 512, 10),
+          'mobilenet_v2': (32, 512, 10)}
+MODES = ('bf16', 'int8', 'int8-search')
+
+
+def build_step(model_name: str, mode: str, backend: str, period: int):
+  size, batch, classes = SHAPES[model_name]
+  model = models.create_model(model_name, num_classes=classes, dtype=jnp.bfloat16)
+  if mode != 'bf16':
+    model = jint8.nn.Int8Model(model, config=jint8.nn.Int8Config(backend=backend))
+  inner = optax.sgd(0.1, momentum=0.9)
+  tx = inner if mode == 'bf16' else jint8.optim.int8_optimizer(inner, period=1 if mode == 'int8-search'
+                                                               else period)
+  images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.bfloat16)
+  labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, classes)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(2), x, train=False))(images)
+  tree = {'params': variables['params']}
+  if mode != 'bf16':
+    tree[jint8.nn.STATE_COLLECTION] = variables[jint8.nn.STATE_COLLECTION]
+  opt_state = tx.init(tree if mode != 'bf16' else tree['params'])
+  batch_stats = variables['batch_stats']
+
+  def step(tree, opt_state, batch_stats, images, labels):
+    def loss_fn(params, int8_state):
+      v = {'params': params, 'batch_stats': batch_stats, **int8_state}
+      logits, updated = model.apply(v, images, train=True, mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+      return loss, updated['batch_stats']
+
+    state = {k: v for k, v in tree.items() if k != 'params'}
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(tree['params'],
+                                                                                         state)
+    if mode == 'bf16':
+      updates, opt_state = tx.update(grads[0], opt_state, tree['params'])
+      tree = {'params': optax.apply_updates(tree['params'], updates)}
+    else:
+      updates, opt_state = tx.update({'params': grads[0], **grads[1]}, opt_state, tree)
+      tree = optax.apply_updates(tree, updates)
+    return tree, opt_state, batch_stats, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1, 2))
+  return step, (tree, opt_state, batch_stats, images, labels), batch
+
+
+def measure(model_name: str, mode: str, backend: str, period: int, steps: int, warmup: int) -> dict:
+  step, args, batch = build_step(model_name, mode, backend, period)
+  t0 = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  peak = None
+  if memory is not None:
+    peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes)
+  tree, opt_state, batch_stats, images, labels = args
+  times = []
+  for i in range(warmup + steps):
+    t = time.perf_counter()
+    tree, opt_state, batch_stats, loss = compiled(tree, opt_state, batch_stats, images, labels)
+    loss.block_until_ready()
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+  if not np.isfinite(float(loss)):
+    raise RuntimeError(f'{model_name} {mode}: non-finite loss {float(loss)}')
+  median = statistics.median(times)
+  return {'model': model_name, 'mode': mode, 'batch': batch, 'images_per_s': batch / median,
+          'step_ms': median * 1e3, 'spread_ms': (max(times) - min(times)) * 1e3,
+          'peak_bytes': peak, 'compile_s': compile_s, 'loss': float(loss)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--models', default='resnet50,resnet20,mobilenet_v2')
+  parser.add_argument('--modes', default=','.join(MODES))
+  parser.add_argument('--backend', default='pallas', choices=('pallas', 'xla'))
+  parser.add_argument('--period', type=int, default=100)
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--out', default='bench/results')
+  args = parser.parse_args()
+  for name in args.models.split(','):
+    if name not in SHAPES:
+      parser.error(f'unknown model {name!r}; choose from {", ".join(SHAPES)}')
+  for mode in args.modes.split(','):
+    if mode not in MODES:
+      parser.error(f'unknown mode {mode!r}; choose from {", ".join(MODES)}')
+
+  rows = []
+  for name in args.models.split(','):
+    for mode in args.modes.split(','):
+      try:
+        row = measure(name, mode, args.backend, args.period, args.steps, args.warmup)
+      except Exception as e:  # a failing configuration is reported in the table, the others still run
+        row = {'model': name, 'mode': mode, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+
+  device = jax.devices()[0].device_kind
+  header = (f'train step, {device}, JAX {jax.__version__}, backend {args.backend}, '
+            f'{datetime.date.today().isoformat()}, median of {args.steps} steps')
+  lines = [header, '', '| model | mode | batch | img/s | vs bf16 | step ms | peak memory GiB | vs bf16 |',
+           '|---|---|---|---|---|---|---|---|']
+  base = {r['model']: r for r in rows if r['mode'] == 'bf16' and 'error' not in r}
+  for r in rows:
+    if 'error' in r:
+      lines.append(f"| {r['model']} | {r['mode']} | | failed: {r['error'][:120]} | | | | |")
+      continue
+    b = base.get(r['model'])
+    speed = f"{r['images_per_s'] / b['images_per_s']:.2f}x" if b else ''
+    mem = f"{r['peak_bytes'] / b['peak_bytes']:.2f}x" if b and r['peak_bytes'] and b['peak_bytes'] else ''
+    peak = f"{r['peak_bytes'] / 2**30:.1f}" if r['peak_bytes'] else ''
+    lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['images_per_s']:.0f} | {speed} | "
+                 f"{r['step_ms']:.1f} | {peak} | {mem} |")
+  table = '\n'.join(lines)
+  print(table)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'train_step.md').write_text(table + '\n')
+  (out / 'train_step.json').write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == '__main__':
+  main()
