@@ -1,0 +1,146 @@
+"""Training metrics: one JSON record per line in ``metrics.jsonl``, TensorBoard event files, and PNG plots.
+
+A record is ``{"step": int, "split": str, <scalar name>: float, ..., "layers": {layer: {stat: float}}}``;
+``layers`` (optional) holds per-layer int8 statistics such as ``grad_deviation`` and ``grad_clip``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def read_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of ``workdir/metrics.jsonl`` in order (empty when there is none)."""
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  with path.open() as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _number(value) -> float | int:
+  value = np.asarray(value).item()
+  return value if isinstance(value, int) else float(value)
+
+
+class MetricWriter:
+  """Appends records to ``metrics.jsonl`` and writes the same scalars to TensorBoard (process 0 only).
+
+  Args:
+    workdir: the run's folder.
+    resume_step: the step a resumed run restarts from; records after it (written by the interrupted run
+      past its last checkpoint) are dropped so the file holds each step once.
+    enabled: write anything at all (``False`` on processes other than 0).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, enabled: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self._enabled = enabled
+    self._tensorboard = None
+    if not enabled:
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in read_records(self.workdir) if r['step'] <= resume_step]
+    with (self.workdir / METRICS_FILE).open('w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy, process 0 only)
+    self._tensorboard = SummaryWriter(str(self.workdir / 'tensorboard'), purge_step=resume_step + 1)
+
+  def write(self, step: int, split: str, scalars: Mapping[str, Any],
+            layers: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Writes one record and returns it (with plain Python numbers)."""
+    record = {'step': int(step), 'split': split, **{k: _number(v) for k, v in scalars.items()}}
+    if layers:
+      record['layers'] = {name: {k: _number(v) for k, v in stats.items()} for name, stats in layers.items()}
+    if not self._enabled:
+      return record
+    with (self.workdir / METRICS_FILE).open('a') as f:
+      f.write(json.dumps(record) + '\n')
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(f'{split}/{name}', record[name], step)
+    for layer, stats in record.get('layers', {}).items():
+      for name, value in stats.items():
+        self._tensorboard.add_scalar(f'{split}_layers/{name}/{layer}', value, step)
+    return record
+
+  def flush(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
+
+
+def _series(records, split: str, name: str) -> tuple[list[int], list[float]]:
+  points = [(r['step'], r[name]) for r in records if r['split'] == split and name in r]
+  return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
+  """One PNG of every scalar over training (but ``epoch``): a panel per name, a line per split."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = sorted({k for r in records for k in r if k not in ('step', 'split', 'layers', 'epoch')})
+  splits = sorted({r['split'] for r in records})
+  cols = min(3, max(1, len(names)))
+  rows = max(1, math.ceil(len(names) / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    for split in splits:
+      steps, values = _series(records, split, name)
+      if steps:
+        ax.plot(steps, values, label=split, marker='.' if len(steps) < 30 else None)
+    ax.set_title(name)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small')
+  for ax in axes.flat[len(names):]:
+    ax.axis('off')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
+                stats: tuple[str, ...] = ('grad_deviation', 'grad_clip')) -> bool:
+  """One PNG with a panel per statistic in ``stats``, a line per layer over training.
+
+  Returns ``False`` (and writes nothing) when no record holds per-layer statistics (a float run).
+  """
+  records = [r for r in records if r.get('layers')]
+  if not records:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  layers = list(dict.fromkeys(name for r in records for name in r['layers']))
+  colors = plt.get_cmap('viridis')(np.linspace(0, 1, len(layers)))
+  fig, axes = plt.subplots(1, len(stats), figsize=(7 * len(stats), 4.5), squeeze=False)
+  for ax, stat in zip(axes[0], stats):
+    for color, layer in zip(colors, layers):
+      points = [(r['step'], r['layers'][layer][stat]) for r in records
+                if stat in r['layers'].get(layer, {})]
+      if points:
+        ax.plot(*zip(*points), color=color, label=layer, linewidth=1)
+    ax.set_title(f'{stat} per layer (first layer dark, last light)')
+    ax.set_xlabel('step')
+    if stat == 'grad_clip':
+      ax.set_yscale('log')
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='center right', fontsize='x-small', ncol=1 + len(layers) // 40)
+  fig.tight_layout(rect=(0, 0, 0.8, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True

@@ -1,0 +1,87 @@
+"""Training precision from the config: fp32, bf16 (bf16 compute, fp32 params) or int8 (jint8's int8 convs).
+
+``config.precision`` picks one; for ``"int8"`` the section ``config.int8`` holds the options of the int8 ops
+(``Int8Config``), which layers stay float (``Int8Policy``) and the DSGC / DCLR settings of
+``jint8.optim.int8_optimizer``:
+
+  backend, dsgc, stochastic_rounding, num_candidates, min_ratio, refine, input_clip   -> Int8Config
+  keep_first_conv_float, keep_dense_float, float_layers                               -> Int8Policy
+  period, dclr, alpha, beta, skip_nonfinite                                           -> int8_optimizer
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from jint8 import backend, optim
+from jint8.nn import Int8Config, Int8Model, Int8Policy
+
+PRECISIONS = ('fp32', 'bf16', 'int8')
+_COMPUTE_DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'int8': jnp.float32}
+
+
+def check_precision(config: Any) -> None:
+  """Raises a ValueError naming the config key when ``config.precision`` or ``config.int8`` is invalid."""
+  if config.precision not in PRECISIONS:
+    raise ValueError(f'config.precision: unknown precision {config.precision!r}; valid: {PRECISIONS}')
+  if config.precision == 'int8':
+    int8_config(config)
+    int8_policy(config)
+    try:
+      backend.get_backend(config.int8.backend)
+    except (ValueError, ImportError) as e:
+      raise ValueError(f'config.int8.backend: {e}') from None
+    if config.int8.period < 1:
+      raise ValueError(f'config.int8.period must be >= 1, got {config.int8.period}')
+    if not (config.int8.alpha >= 0 and 0 < config.int8.beta <= 1):
+      raise ValueError(f'config.int8.alpha must be >= 0 and config.int8.beta in (0, 1], got '
+                       f'alpha={config.int8.alpha}, beta={config.int8.beta}')
+
+
+def compute_dtype(precision: str):
+  """The dtype models compute in (params stay float32)."""
+  return _COMPUTE_DTYPES[precision]
+
+
+def int8_config(config: Any) -> Int8Config:
+  """The ``Int8Config`` of ``config.int8``, seeded with ``config.seed``."""
+  c = config.int8
+  try:
+    return Int8Config(backend=c.backend, dsgc=c.dsgc, stochastic_rounding=c.stochastic_rounding,
+                      num_candidates=c.num_candidates, min_ratio=c.min_ratio, refine=c.refine,
+                      input_clip=c.input_clip, seed=config.seed)
+  except ValueError as e:
+    raise ValueError(f'config.int8: {e}') from None
+
+
+def int8_policy(config: Any) -> Int8Policy:
+  """The ``Int8Policy`` of ``config.int8``."""
+  c = config.int8
+  try:
+    return Int8Policy(keep_first_conv_float=c.keep_first_conv_float, keep_dense_float=c.keep_dense_float,
+                      float_layers=tuple(c.float_layers))
+  except ValueError as e:
+    raise ValueError(f'config.int8: {e}') from None
+
+
+def apply_precision(model: nn.Module, config: Any) -> nn.Module:
+  """``model`` itself for fp32 / bf16 (build it with ``compute_dtype``), its ``Int8Model`` for int8."""
+  if config.precision != 'int8':
+    return model
+  return Int8Model(model, config=int8_config(config), policy=int8_policy(config))
+
+
+def wrap_optimizer(inner: optax.GradientTransformation, config: Any) -> optax.GradientTransformation:
+  """The optimizer of the tree ``{"params": ..., "int8_state": ...}`` (see ``jint8.optim.split_state``).
+
+  fp32 / bf16: ``inner`` (the int8 state is empty); int8: ``int8_optimizer(inner)`` with DSGC / DCLR settings.
+  """
+  if config.precision != 'int8':
+    return inner
+  c = config.int8
+  return optim.int8_optimizer(inner, period=c.period, alpha=c.alpha, beta=c.beta, dclr=c.dclr,
+                              skip_nonfinite=c.skip_nonfinite)

@@ -1,0 +1,350 @@
+"""Image-classification training and evaluation (``config.task == "classification"``).
+
+``train_and_evaluate(config, workdir)`` trains the model named in the config on the in-device dataset
+(``jint8.input_pipeline``), data parallel over every device (``jint8.sharding``), in fp32, bf16 or int8
+(``jint8.precision``). It resumes from the newest checkpoint in ``workdir/checkpoints``, writes metrics to
+``workdir/metrics.jsonl`` and TensorBoard, shows a progress bar, and ends with PNG plots. The keys of the
+config are listed with their defaults in ``configs/default.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import pathlib
+import time
+from typing import Any
+
+import flax.serialization
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from jint8 import checkpointing, input_pipeline, metrics, models, optimizers, precision, progress, sharding
+from jint8.nn import STATE_COLLECTION, layer_stats
+
+# Streams of randomness derived from config.seed with jax.random.fold_in.
+_INIT, _ORDER, _AUGMENT, _DROPOUT = range(4)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes: the model's variables, the optimizer state and the step count.
+
+  ``int8_state`` is ``{}`` for fp32 / bf16. ``rng`` is the run's raw PRNG key: per-step keys derive from it
+  and ``step``, so a restored state continues with the same randomness.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  int8_state: Any
+  opt_state: Any
+  rng: jax.Array
+
+  def variables(self, params=None, int8_state=None) -> dict[str, Any]:
+    """The Flax variables of the model (with ``params`` / ``int8_state`` replaced when given)."""
+    variables = {'params': self.params if params is None else params, 'batch_stats': self.batch_stats}
+    int8_state = self.int8_state if int8_state is None else int8_state
+    if int8_state:
+      variables[STATE_COLLECTION] = int8_state
+    return variables
+
+
+def validate_config(config: Any) -> None:
+  """Raises a ValueError naming the first config key whose value is invalid."""
+  if config.task != 'classification':
+    raise ValueError(f"config.task: jint8.trainer trains 'classification', got {config.task!r}")
+  precision.check_precision(config)
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
+    if config[key] < 1:
+      raise ValueError(f'config.{key} must be >= 1, got {config[key]}')
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps'):
+    if config[key] < 0:
+      raise ValueError(f'config.{key} must be >= 0, got {config[key]}')
+  for key in ('max_train_examples', 'max_test_examples'):
+    if config.dataset[key] < 0:
+      raise ValueError(f'config.dataset.{key} must be >= 0 (0: all), got {config.dataset[key]}')
+  if not config.num_train_steps and config.num_epochs < 1:
+    raise ValueError(f'config.num_epochs must be >= 1 when config.num_train_steps is 0, got {config.num_epochs}')
+  if not 0 <= config.label_smoothing < 1:
+    raise ValueError(f'config.label_smoothing must be in [0, 1), got {config.label_smoothing}')
+
+
+def create_model(config: Any, num_classes: int) -> nn.Module:
+  """The model of ``config.model`` / ``config.model_kwargs`` in the compute dtype of ``config.precision``.
+
+  ``config.model`` is a name in ``jint8.models.MODEL_NAMES`` or ``"package.module:Factory"``, any callable
+  taking ``num_classes``, ``dtype`` and the ``model_kwargs`` (a model of your own).
+  """
+  kwargs = dict(num_classes=num_classes, dtype=precision.compute_dtype(config.precision), **config.model_kwargs)
+  if ':' in config.model:
+    module_name, name = config.model.split(':', 1)
+    try:
+      factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+      raise ValueError(f'config.model: cannot import {config.model!r}: {e}') from None
+  elif config.model in models.MODEL_NAMES:
+    factory = functools.partial(models.create_model, config.model)
+  else:
+    raise ValueError(f'config.model: unknown model {config.model!r}; valid: {", ".join(models.MODEL_NAMES)} '
+                     'or "package.module:Factory"')
+  try:
+    return factory(**kwargs)
+  except TypeError as e:
+    raise ValueError(f'config.model_kwargs: {e}') from None
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], seed: int):
+
+  def init() -> TrainState:
+    rng = jax.random.PRNGKey(seed)
+    init_rng = jax.random.fold_in(rng, _INIT)
+    variables = model.init({'params': init_rng, 'dropout': init_rng},
+                           jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params, int8_state = variables['params'], variables.get(STATE_COLLECTION, {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), int8_state=int8_state,
+                      opt_state=tx.init({'params': params, STATE_COLLECTION: int8_state}), rng=rng)
+
+  return init
+
+
+def initial_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+                  seed: int, state_sharding: jax.sharding.Sharding) -> TrainState:
+  """Initialises the model and the optimizer, placed with ``state_sharding``."""
+  return jax.jit(_init_fn(model, tx, image_shape, seed), out_shardings=state_sharding)()
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+                   seed: int, state_sharding: jax.sharding.Sharding) -> TrainState:
+  """The shapes, dtypes and shardings of ``initial_state``, computing nothing (a restore target)."""
+  shapes = jax.eval_shape(_init_fn(model, tx, image_shape, seed))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), shapes)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, dataset: input_pipeline.Dataset, order: jax.Array, index: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation, batch_size: int,
+               batch_sharding: jax.sharding.Sharding, label_smoothing: float = 0.0
+               ) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer step on batch ``index`` of the epoch visiting the training set in ``order``.
+
+  Returns the new state and the step's metrics: ``loss``, ``accuracy`` and, for int8, ``layers`` (per-layer
+  ``grad_clip``, ``grad_deviation``, ``input_clip``, ``nonfinite`` of this step).
+  """
+  augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT), state.step)
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT), state.step)
+  images, labels = input_pipeline.train_batch(dataset, order, index, batch_size, augment_rng)
+  images = jax.lax.with_sharding_constraint(images, batch_sharding)
+  labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
+
+  def loss_fn(params, int8_state):
+    logits, updates = model.apply(state.variables(params, int8_state), images, train=True,
+                                  mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+    return loss, (logits, updates.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), (g_params, g_state) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.int8_state)
+  tree = {'params': state.params, STATE_COLLECTION: state.int8_state}
+  updates, opt_state = tx.update({'params': g_params, STATE_COLLECTION: g_state}, state.opt_state, tree)
+  tree = optax.apply_updates(tree, updates)
+  new_state = state.replace(step=state.step + 1, params=tree['params'], batch_stats=batch_stats,
+                            int8_state=tree[STATE_COLLECTION], opt_state=opt_state)
+  step_metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+  if new_state.int8_state:
+    step_metrics['layers'] = layer_stats(new_state.int8_state)
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Array, *, model: nn.Module,
+              batch_size: int, batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Sums of loss, correct predictions and examples over test batch ``index`` (padding masked out)."""
+  images, labels, mask = input_pipeline.eval_batch(dataset, index, batch_size)
+  images = jax.lax.with_sharding_constraint(images, batch_sharding)
+  logits = model.apply(state.variables(), images, train=False)
+  return {'loss': jnp.sum(cross_entropy(logits, labels) * mask),
+          'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+          'count': jnp.sum(mask)}
+
+
+def summarize_train(step_metrics: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
+  """Reduces the metrics of the steps since the last log to scalars and per-layer values.
+
+  Scalars: mean ``loss`` and ``accuracy``; for int8 also ``grad_deviation_mean`` / ``grad_deviation_max``
+  over layers and steps and ``nonfinite`` (layer-steps with a non-finite gradient). Per layer: the mean
+  ``grad_deviation``, the last ``grad_clip`` and ``input_clip``, the ``nonfinite`` count.
+  """
+  host = jax.device_get(step_metrics)
+  scalars = {k: float(np.mean([m[k] for m in host])) for k in ('loss', 'accuracy')}
+  if 'layers' not in host[0]:
+    return scalars, {}
+  layers = {}
+  for name in host[0]['layers']:
+    series = {k: np.asarray([m['layers'][name][k] for m in host], np.float64) for k in host[0]['layers'][name]}
+    layers[name] = {'grad_deviation': series['grad_deviation'].mean(), 'grad_clip': series['grad_clip'][-1],
+                    'input_clip': series['input_clip'][-1], 'nonfinite': int(series['nonfinite'].sum())}
+  deviations = np.asarray([[m['layers'][n]['grad_deviation'] for n in layers] for m in host])
+  scalars.update(grad_deviation_mean=float(deviations.mean()), grad_deviation_max=float(deviations.max()),
+                 nonfinite=sum(v['nonfinite'] for v in layers.values()))
+  return scalars, layers
+
+
+class _Loop:
+  """The compiled functions of one run: train step, eval step and epoch order."""
+
+  def __init__(self, config: Any, model: nn.Module, tx: optax.GradientTransformation,
+               dataset: input_pipeline.Dataset, mesh: jax.sharding.Mesh):
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    self.dataset = dataset
+    self.eval_batch_size = config.eval_batch_size
+    self.train_step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, batch_size=config.batch_size, batch_sharding=batch,
+                          label_smoothing=config.label_smoothing),
+        donate_argnums=0, out_shardings=replicated)
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, model=model, batch_size=config.eval_batch_size, batch_sharding=batch),
+        out_shardings=replicated)
+    self._order = jax.jit(input_pipeline.epoch_order, static_argnums=2, out_shardings=replicated)
+
+  def order(self, state: TrainState, epoch: int) -> jax.Array:
+    return self._order(jax.random.fold_in(state.rng, _ORDER), epoch, self.dataset.train.num_examples)
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    """Test-set ``loss`` and ``accuracy``."""
+    sums = [self.eval_step(state, self.dataset, i)
+            for i in range(input_pipeline.num_eval_batches(self.dataset, self.eval_batch_size))]
+    total = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))
+    return {'loss': float(total['loss'] / total['count']), 'accuracy': float(total['correct'] / total['count'])}
+
+
+def checkpoint_tree(state: TrainState, epoch: int, index: int) -> dict[str, Any]:
+  """What a checkpoint holds: the state and the data position (epoch, batch index in the epoch)."""
+  return {'state': flax.serialization.to_state_dict(state),
+          'data_position': {'epoch': np.asarray(epoch, np.int64), 'index': np.asarray(index, np.int64)}}
+
+
+def from_checkpoint_tree(like: TrainState, tree: dict[str, Any]) -> tuple[TrainState, tuple[int, int]]:
+  """The state (structured as ``like``) and the data position ``(epoch, index)`` of a restored checkpoint."""
+  position = tree['data_position']
+  return flax.serialization.from_state_dict(like, tree['state']), (int(position['epoch']), int(position['index']))
+
+
+def _format(step: int, num_steps: int, split: str, record: dict[str, Any]) -> str:
+  parts = [f'{k} {v:.4g}' for k, v in record.items() if k not in ('step', 'split', 'layers')]
+  return f'step {step}/{num_steps} {split}: ' + ', '.join(parts)
+
+
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Module | None = None
+                       ) -> dict[str, float]:
+  """Trains and evaluates as ``config`` says, in (and resuming from) ``workdir``.
+
+  Args:
+    config: a config with the keys of ``configs/default.py``.
+    workdir: the run's folder: checkpoints, ``metrics.jsonl``, TensorBoard events, plots, ``config.json``.
+    model: a Flax module (called as ``model(images, train=...)``) to train instead of ``config.model``; it is
+      still converted to int8 when ``config.precision == "int8"``.
+
+  Returns:
+    The final test metrics: ``loss`` and ``accuracy``.
+  """
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  is_main = jax.process_index() == 0
+  mesh = sharding.data_mesh()
+  sharding.check_batch_size(config.batch_size, mesh, 'config.batch_size')
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
+
+  dataset = input_pipeline.create_dataset(config.dataset, sharding.replicated(mesh))
+  steps_per_epoch = dataset.train.num_examples // config.batch_size
+  if not steps_per_epoch:
+    raise ValueError(f'config.batch_size={config.batch_size} is larger than the training set '
+                     f'({dataset.train.num_examples} examples)')
+  num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+  schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
+                                               steps_per_epoch=steps_per_epoch, num_steps=num_steps)
+  tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, schedule), config)
+  model = precision.apply_precision(model or create_model(config, dataset.num_classes), config)
+  loop = _Loop(config, model, tx, dataset, mesh)
+
+  checkpointer = checkpointing.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
+  init_args = (model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
+  like = abstract_state(*init_args)
+  restored = checkpointer.restore_latest(checkpoint_tree(like, 0, 0))
+  if restored:
+    state, (epoch, index) = from_checkpoint_tree(like, restored[1])
+  else:
+    state, epoch, index = initial_state(*init_args), 0, 0
+  step = int(state.step)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+    print(f'Resuming from the checkpoint at step {step} (epoch {epoch}, batch {index}) in {workdir}'
+          if restored else f'Starting a new run in {workdir}', flush=True)
+    print(f'{jax.device_count()} devices, {dataset.train.num_examples} training images, {steps_per_epoch} '
+          f'steps per epoch, {num_steps} steps, precision {config.precision}', flush=True)
+  writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
+  eval_every = config.eval_every_steps or steps_per_epoch
+  checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+
+  if step >= num_steps:
+    final = loop.evaluate(state)
+    if is_main:
+      print(f'Already trained to step {step}; ' + _format(step, num_steps, 'test', final), flush=True)
+    checkpointer.close()
+    writer.close()
+    return final
+
+  bar = progress.Progress(num_steps, initial=step, enabled=is_main)
+  order = loop.order(state, epoch)
+  pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
+  while step < num_steps:
+    state, step_metrics = loop.train_step(state, dataset, order, index)
+    pending.append(step_metrics)
+    step, index, interval_steps = step + 1, index + 1, interval_steps + 1
+    if index == steps_per_epoch:
+      epoch, index = epoch + 1, 0
+      order = loop.order(state, epoch)
+    bar.update()
+    if step % config.log_every_steps == 0 or step == num_steps:
+      scalars, layers = summarize_train(pending)  # waits for the steps to finish
+      elapsed = time.perf_counter() - interval_start - paused
+      scalars.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
+                     images_per_second=interval_steps * config.batch_size / elapsed)
+      record = writer.write(step, 'train', scalars, layers)
+      bar.show({k: record[k] for k in ('loss', 'accuracy')})
+      bar.write(_format(step, num_steps, 'train', record))
+      pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
+    evaluate = step % eval_every == 0 or step == num_steps
+    save = step % checkpoint_every == 0 or step == num_steps
+    if evaluate or save:
+      jax.block_until_ready(state)  # so that the pause below holds no training step
+      pause_start = time.perf_counter()
+      if evaluate:
+        final = writer.write(step, 'test', loop.evaluate(state))
+        bar.write(_format(step, num_steps, 'test', final))
+      if save:
+        checkpointer.save(step, checkpoint_tree(state, epoch, index))
+      paused += time.perf_counter() - pause_start
+  bar.close()
+  final = {k: final[k] for k in ('loss', 'accuracy')}
+  checkpointer.close()
+  writer.close()
+  if is_main:
+    records = metrics.read_records(workdir)
+    metrics.plot_curves(records, workdir / 'curves.png')
+    if metrics.plot_layers(records, workdir / 'layers.png'):
+      print(f'Wrote {workdir / "curves.png"} and {workdir / "layers.png"}', flush=True)
+    else:
+      print(f'Wrote {workdir / "curves.png"}', flush=True)
+    print(json.dumps({'final_test': final}), flush=True)
+  return final

@@ -1,0 +1,319 @@
+"""Tests of the trainer: train.py end to end (resume after SIGKILL, 4 devices, corrupt checkpoints), the config
+checks, checkpoints, metrics and optimizer schedules.
+
+The end-to-end runs use configs/smoke.py with the small CNN below (``--config.model=test_trainer:TinyCNN``) on
+a few hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from jint8 import checkpointing, metrics, optimizers, precision, sharding, trainer
+from test_datasets import cifar_subset  # noqa: F401  (session fixture)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import default, smoke  # pylint: disable=g-import-not-at-top
+
+NUM_STEPS = 40
+RUN_FLAGS = ('--config.model=test_trainer:TinyCNN', f'--config.num_train_steps={NUM_STEPS}',
+             '--config.log_every_steps=4', '--config.eval_every_steps=8', '--config.checkpoint_every_steps=4')
+
+
+class TinyCNN(nn.Module):
+  """Three convs (the first stays float under int8, the other two are int8), BN, and a Dense classifier."""
+  num_classes: int
+  width: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    features = max(1, round(8 * self.width))
+    for i, strides in enumerate((1, 2, 2)):
+      x = nn.Conv(features * (1 + i // 2), (3, 3), strides=strides, use_bias=False, dtype=self.dtype)(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2))).astype(jnp.float32)
+
+
+def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None):
+  """Runs train.py with the smoke config on the test data; returns the CompletedProcess (or the Popen)."""
+  env = dict(os.environ, PYTHONPATH=f'{REPO}{os.pathsep}{REPO / "tests"}', JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  command = [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',
+             f'--config.dataset.archive={data.archive}', f'--config.dataset.data_dir={data.data_dir}',
+             *RUN_FLAGS, *flags]
+  if background_log is not None:
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=background_log, stderr=subprocess.STDOUT)
+  result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result
+
+
+def _final(stdout: str) -> dict[str, float]:
+  lines = [line for line in stdout.splitlines() if line.startswith('{"final_test"')]
+  assert len(lines) == 1, stdout[-3000:]
+  return json.loads(lines[0])['final_test']
+
+
+def _test_records(workdir) -> list[dict[str, Any]]:
+  return [r for r in metrics.read_records(workdir) if r['split'] == 'test']
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(cifar_subset, cache_dir, tmp_path_factory):
+  """One uninterrupted run without --workdir, in a fresh folder."""
+  cwd = tmp_path_factory.mktemp('uninterrupted')
+  result = _run(cwd, cifar_subset, cache_dir)
+  return cwd / 'runs' / 'smoke-int8', result.stdout
+
+
+def test_run_writes_metrics_checkpoints_and_plots(uninterrupted):
+  workdir, stdout = uninterrupted
+  assert 'No --workdir given: using runs/smoke-int8' in stdout and 'Starting a new run' in stdout
+  records = metrics.read_records(workdir)
+  train = [r for r in records if r['split'] == 'train']
+  assert [r['step'] for r in train] == list(range(4, NUM_STEPS + 1, 4))
+  assert [r['step'] for r in _test_records(workdir)] == list(range(8, NUM_STEPS + 1, 8))
+  # int8: the two later convs are int8 (per-layer stats); the first conv and the Dense stay float.
+  assert sorted(train[-1]['layers']) == ['model/Conv_1', 'model/Conv_2']
+  for r in train:
+    assert np.isfinite(r['loss']) and 0 <= r['accuracy'] <= 1 and r['nonfinite'] == 0
+    assert 0 <= r['grad_deviation_mean'] <= r['grad_deviation_max'] < 0.5
+    assert all(stats['grad_clip'] > 0 for stats in r['layers'].values())
+  assert train[0]['lr'] > train[-1]['lr'] > 0  # cosine decay
+  assert train[-1]['loss'] < train[0]['loss']
+  assert _final(stdout) == {k: _test_records(workdir)[-1][k] for k in ('loss', 'accuracy')}
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['32', '36', '40']
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  for png in ('curves.png', 'layers.png'):
+    assert (workdir / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert json.loads((workdir / 'config.json').read_text())['num_train_steps'] == NUM_STEPS
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(uninterrupted, cifar_subset, cache_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  with open(tmp_path / 'killed.log', 'w') as log:
+    process = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', background_log=log)
+    deadline = time.time() + 300
+    while not (workdir / 'checkpoints' / '4').exists() and process.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+  assert '"final_test"' not in (tmp_path / 'killed.log').read_text()  # killed before the end
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}')
+  assert 'Resuming from the checkpoint at step' in result.stdout
+  assert _final(result.stdout) == _final(uninterrupted[1])
+  strip = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'} for r in records]
+  assert strip(metrics.read_records(workdir)) == strip(metrics.read_records(uninterrupted[0]))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cifar_subset, cache_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted[0], workdir)
+  for path in (workdir / 'checkpoints' / '40').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':
+      path.write_bytes(b'damaged')
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}')
+  assert 'checkpoint step 40' in result.stderr and 'cannot be read' in result.stderr
+  assert 'Resuming from the checkpoint at step 36' in result.stdout
+  assert (workdir / 'checkpoints' / '40.corrupt').is_dir()
+  assert _final(result.stdout) == _final(uninterrupted[1])
+
+
+def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, tmp_path):
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={tmp_path / "run"}', devices=4)
+  assert '4 devices' in result.stdout
+  one, four = _test_records(uninterrupted[0]), _test_records(tmp_path / 'run')
+  assert [r['step'] for r in one] == [r['step'] for r in four]
+  # Sums reduce in another order over 4 devices; int8 rounding then amplifies the float differences slowly.
+  assert four[0]['loss'] == pytest.approx(one[0]['loss'], rel=1e-4)
+  for a, b in zip(one, four):
+    assert b['loss'] == pytest.approx(a['loss'], rel=2e-3)
+    assert b['accuracy'] == pytest.approx(a['accuracy'], abs=0.021)  # 2 of 100 test images
+
+
+def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
+  process = subprocess.run(
+      [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',
+       '--config.optimizer.learning_rat=0.1'], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert process.returncode != 0 and 'learning_rat' in process.stderr
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  config = smoke.get_config()
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('precision', 'int4', 'config.precision: unknown precision'),
+    ('task', 'segmentation', 'config.task'),
+    ('batch_size', 0, 'config.batch_size must be >= 1'),
+    ('label_smoothing', 1.0, 'config.label_smoothing'),
+    ('eval_every_steps', -1, 'config.eval_every_steps'),
+])
+def test_invalid_config_values_name_the_key(key, value, message):
+  with pytest.raises(ValueError, match=message):
+    trainer.validate_config(_config(**{key: value}))
+
+
+def test_invalid_int8_and_model_settings_name_the_key():
+  config = _config()
+  config.int8.backend = 'cuda'
+  with pytest.raises(ValueError, match="config.int8.backend: unknown int8 backend 'cuda'"):
+    trainer.validate_config(config)
+  config = _config()
+  config.int8.input_clip = 'percentile'
+  with pytest.raises(ValueError, match='config.int8: .*input_clip'):
+    trainer.validate_config(config)
+  config = _config()
+  config.int8.float_layers = ('stage[',)
+  with pytest.raises(ValueError, match='config.int8: .*bad regular expression'):
+    trainer.validate_config(config)
+  with pytest.raises(ValueError, match="config.model: unknown model 'resnet21'"):
+    trainer.create_model(_config(model='resnet21'), 10)
+  config = _config()
+  config.model_kwargs.depth_multiplier = 2
+  with pytest.raises(ValueError, match='config.model_kwargs: .*depth_multiplier'):
+    trainer.create_model(config, 10)
+
+
+def test_create_model_uses_the_precision_dtype():
+  assert trainer.create_model(_config(precision='bf16'), 10).dtype == jnp.bfloat16
+  assert trainer.create_model(_config(precision='int8'), 10).dtype == jnp.float32
+  model = trainer.create_model(_config(model='test_trainer:TinyCNN'), 7)
+  assert isinstance(model, TinyCNN) and model.num_classes == 7
+
+
+def _optimizer_config(**overrides):
+  config = default.get_config().optimizer
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_learning_rate_schedules():
+  cosine = optimizers.learning_rate_schedule(_optimizer_config(), batch_size=256, steps_per_epoch=10,
+                                             num_steps=100)
+  for step in (0, 37, 100):
+    assert cosine(step) == pytest.approx(0.2 * 0.5 * (1 + np.cos(np.pi * step / 100)), abs=1e-7)
+  warm = optimizers.learning_rate_schedule(_optimizer_config(warmup_epochs=2.0, base_batch_size=0),
+                                           batch_size=256, steps_per_epoch=10, num_steps=100)
+  assert [float(warm(s)) for s in (0, 10)] == pytest.approx([0.0, 0.05])
+  assert warm(20 + 40) == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 40 / 80)))
+  piecewise = optimizers.learning_rate_schedule(
+      _optimizer_config(schedule='piecewise', boundaries_epochs=(5, 8), base_batch_size=0), batch_size=64,
+      steps_per_epoch=10, num_steps=100)
+  assert [float(piecewise(s)) for s in (49, 50, 79, 80)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+  with pytest.raises(ValueError, match='config.optimizer.schedule'):
+    optimizers.learning_rate_schedule(_optimizer_config(schedule='linear'), batch_size=1, steps_per_epoch=1,
+                                      num_steps=1)
+  with pytest.raises(ValueError, match='config.optimizer.warmup_epochs'):
+    optimizers.learning_rate_schedule(_optimizer_config(warmup_epochs=20.0), batch_size=1,
+                                      steps_per_epoch=10, num_steps=100)
+
+
+def test_create_optimizer_is_optax_by_name_with_weight_decay():
+  params = {'w': jnp.asarray(np.random.default_rng(0).normal(size=(5,)), jnp.float32)}
+  grads = {'w': jnp.asarray(np.random.default_rng(1).normal(size=(5,)), jnp.float32)}
+  tx = optimizers.create_optimizer(_optimizer_config(), 0.1)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Nesterov SGD from zero momentum: update = -lr * (1 + momentum) * (g + wd * w).
+  expected = -0.1 * 1.9 * (np.asarray(grads['w'], np.float64) + 5e-4 * np.asarray(params['w'], np.float64))
+  np.testing.assert_allclose(updates['w'], expected, rtol=1e-6)
+  adam = optimizers.create_optimizer(_optimizer_config(name='adamw', kwargs={'b1': 0.8}, weight_decay=0.0), 0.1)
+  assert isinstance(adam, optax.GradientTransformation)
+  with pytest.raises(ValueError, match="config.optimizer.name: 'sgdd'"):
+    optimizers.create_optimizer(_optimizer_config(name='sgdd'), 0.1)
+  with pytest.raises(ValueError, match=r"config.optimizer.kwargs: optax.sgd takes no argument \['beta'\]"):
+    optimizers.create_optimizer(_optimizer_config(kwargs={'beta': 0.9}), 0.1)
+
+
+def test_summarize_train_reduces_steps_and_layers():
+  steps = [{'loss': jnp.float32(l), 'accuracy': jnp.float32(a),
+            'layers': {'a': {'grad_clip': jnp.float32(c), 'grad_deviation': jnp.float32(d),
+                             'input_clip': jnp.float32(1.0), 'nonfinite': jnp.float32(n)},
+                       'b': {'grad_clip': jnp.float32(2 * c), 'grad_deviation': jnp.float32(2 * d),
+                             'input_clip': jnp.float32(2.0), 'nonfinite': jnp.float32(0)}}}
+           for l, a, c, d, n in ((1.0, 0.5, 0.1, 0.01, 0), (3.0, 0.25, 0.2, 0.03, 1))]
+  scalars, layers = trainer.summarize_train(steps)
+  assert scalars == pytest.approx({'loss': 2.0, 'accuracy': 0.375, 'grad_deviation_mean': 0.03,
+                                   'grad_deviation_max': 0.06, 'nonfinite': 1})
+  assert layers['a'] == pytest.approx({'grad_deviation': 0.02, 'grad_clip': 0.2, 'input_clip': 1.0,
+                                       'nonfinite': 1})
+  assert trainer.summarize_train([{'loss': 1.0, 'accuracy': 1.0}]) == ({'loss': 1.0, 'accuracy': 1.0}, {})
+
+
+def test_checkpointer_restores_and_skips_a_corrupt_step(tmp_path):
+  like = {'w': jnp.zeros((3,)), 'step': jnp.zeros((), jnp.int32), 'position': np.asarray(0, np.int64)}
+  checkpointer = checkpointing.Checkpointer(tmp_path, max_to_keep=2)
+  assert checkpointer.restore_latest(like) is None
+  for step in (1, 2, 3):
+    checkpointer.save(step, {'w': jnp.full((3,), float(step)), 'step': jnp.int32(step),
+                             'position': np.asarray(10 * step, np.int64)})
+  checkpointer.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3']
+  (tmp_path / '3' / 'default' / '_METADATA').write_text('{')
+  step, tree = checkpointing.Checkpointer(tmp_path).restore_latest(like)
+  assert step == 2 and int(tree['position']) == 20
+  np.testing.assert_array_equal(tree['w'], [2.0, 2.0, 2.0])
+  assert (tmp_path / '3.corrupt').is_dir()
+  (tmp_path / '2' / 'default' / '_METADATA').write_text('{')
+  with pytest.raises(RuntimeError, match='no readable checkpoint'):
+    checkpointing.Checkpointer(tmp_path).restore_latest(like)
+
+
+def test_metric_writer_drops_records_after_the_resume_step(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  for step in (1, 2, 3):
+    writer.write(step, 'train', {'loss': np.float32(step)}, {'l0': {'grad_clip': jnp.float32(0.5)}})
+  writer.close()
+  writer = metrics.MetricWriter(tmp_path, resume_step=2)
+  writer.write(3, 'train', {'loss': 9.0})
+  writer.close()
+  assert metrics.read_records(tmp_path) == [
+      {'step': 1, 'split': 'train', 'loss': 1.0, 'layers': {'l0': {'grad_clip': 0.5}}},
+      {'step': 2, 'split': 'train', 'loss': 2.0, 'layers': {'l0': {'grad_clip': 0.5}}},
+      {'step': 3, 'split': 'train', 'loss': 9.0}]
+  assert not metrics.plot_layers([{'step': 1, 'split': 'train', 'loss': 1.0}], tmp_path / 'layers.png')
+  assert not (tmp_path / 'layers.png').exists()
+
+
+def test_fp32_state_round_trips_through_a_checkpoint(tmp_path):
+  config = _config(precision='fp32')
+  model = trainer.create_model(_config(model='test_trainer:TinyCNN', precision='fp32'), 10)
+  tx = precision.wrap_optimizer(optax.sgd(0.1, momentum=0.9), config)
+  args = (model, tx, (32, 32, 3), 0, sharding.replicated(sharding.data_mesh()))
+  state = trainer.initial_state(*args)
+  assert state.int8_state == {}
+  checkpointer = checkpointing.Checkpointer(tmp_path)
+  checkpointer.save(7, trainer.checkpoint_tree(state, epoch=2, index=3))
+  checkpointer.close()
+  like = trainer.abstract_state(*args)
+  step, tree = checkpointing.Checkpointer(tmp_path).restore_latest(trainer.checkpoint_tree(like, 0, 0))
+  restored, position = trainer.from_checkpoint_tree(like, tree)
+  assert step == 7 and position == (2, 3)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
