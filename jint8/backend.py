@@ -84,7 +84,8 @@ class Backend(Protocol):
     """2-D int8 product contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``: float32."""
 
 
-def _channels_last_dims(nd: int) -> lax.ConvDimensionNumbers:
+def channels_last_dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
+  """Dimension numbers of the canonical layouts: lhs ``[N, *S, C]``, rhs ``[*K, I, O]``, out ``[N, *O, C]``."""
   spatial = tuple(range(1, nd + 1))
   return lax.ConvDimensionNumbers(
       lhs_spec=(0, nd + 1) + spatial,
@@ -139,7 +140,7 @@ class XlaBackend:
     _check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd], 'int8 conv forward')
     y = lax.conv_general_dilated(
         lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
-        dimension_numbers=_channels_last_dims(nd), feature_group_count=geometry.feature_group_count,
+        dimension_numbers=channels_last_dimension_numbers(nd), feature_group_count=geometry.feature_group_count,
         preferred_element_type=_conv_accumulator_type())
     return y.astype(jnp.float32) * scale
 
@@ -159,7 +160,7 @@ class XlaBackend:
       pads.append(((k - 1) * d - lo, s - (o - 1) * st - 1 + lo))
     dx = lax.conv_general_dilated(
         g, w, (1,) * nd, pads, lhs_dilation=geometry.window_strides, rhs_dilation=geometry.rhs_dilation,
-        dimension_numbers=_channels_last_dims(nd), feature_group_count=groups,
+        dimension_numbers=channels_last_dimension_numbers(nd), feature_group_count=groups,
         preferred_element_type=_conv_accumulator_type())
     return dx.astype(jnp.float32) * scale
 
@@ -181,7 +182,7 @@ class XlaBackend:
           lax.slice_in_dim(x_t, start, start + size, axis=nd + 1),
           lax.slice_in_dim(g_t, start, start + size, axis=nd),
           geometry.rhs_dilation, pads, rhs_dilation=geometry.window_strides,
-          dimension_numbers=_channels_last_dims(nd), batch_group_count=geometry.feature_group_count,
+          dimension_numbers=channels_last_dimension_numbers(nd), batch_group_count=geometry.feature_group_count,
           preferred_element_type=_conv_accumulator_type())
 
     dw = _chunked_sum(partial_sum, lhs.shape[0], max(1, MAX_EXACT_TERMS // per_image))  # [Cin/G, *K, Cout]

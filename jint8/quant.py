@@ -128,25 +128,27 @@ class ClipSearch(NamedTuple):
   deviation: jax.Array
 
 
-def dsgc_search(g: jax.Array, ratios: np.ndarray | None = None, refine: int = 8) -> ClipSearch:
+def dsgc_search(g: jax.Array, ratios: np.ndarray | None = None, refine: int = 8, *,
+                amax: jax.Array | None = None, score=score_clips) -> ClipSearch:
   """Direction Sensitive Gradient Clipping: the clip value minimising the cosine deviation of ``g``.
 
   Candidates are ``ratios * max|g|`` (default: ``candidate_ratios()``, 32 geometric steps from 1 to 2^-8).
   With ``refine > 0`` a second pass scores ``refine`` evenly spaced clips between the best candidate's two
-  neighbours. Each pass is one reduction over ``g`` (``score_clips``). An all-zero ``g`` gives a tiny positive
-  clip and deviation 0; the result is only meaningful for finite ``g``.
+  neighbours. Each pass is one reduction over ``g`` (``score(g, clips)``, by default ``score_clips``; a kernel
+  backend passes its own, with ``amax`` = max|g| when it has it). An all-zero ``g`` gives a tiny positive clip
+  and deviation 0; the result is only meaningful for finite ``g``.
   """
   ratios = candidate_ratios() if ratios is None else np.asarray(ratios, np.float32)
-  amax = max_abs(g)
+  amax = max_abs(g) if amax is None else amax
   clips = safe_clip(amax) * ratios
-  scores = score_clips(g, clips)
+  scores = score(g, clips)
   best = jnp.argmin(scores)
   clip, dev = clips[best], scores[best]
   if refine > 0:
     hi = clips[jnp.maximum(best - 1, 0)]
     lo = clips[jnp.minimum(best + 1, len(ratios) - 1)]
     fine = lo + (hi - lo) * jnp.linspace(0.0, 1.0, refine + 2)[1:-1]
-    fine_scores = score_clips(g, fine)
+    fine_scores = score(g, fine)
     fbest = jnp.argmin(fine_scores)
     better = fine_scores[fbest] < dev
     clip = jnp.where(better, fine[fbest], clip)

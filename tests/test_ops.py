@@ -25,7 +25,7 @@ CASE_IDS = ['3x3', 'strided-grouped', 'depthwise-dilated', '1x1-strided', '1d', 
 
 
 def _dims(nd):
-  return backend_lib._channels_last_dims(nd)
+  return backend_lib.channels_last_dimension_numbers(nd)
 
 
 def _pads(case):

@@ -14,15 +14,9 @@ from jint8.pallas import conv_wgrad
 from jint8.pallas import gemm
 from jint8.pallas import geometry
 
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
 XLA = backend.XlaBackend()
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compiles():
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)  # interpreted kernels compile 2x faster
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
 
 
 def _ints(key, shape):

@@ -12,13 +12,7 @@ from jint8.pallas import clip_scores
 from jint8.pallas import common
 from jint8.pallas import quantize
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compiles():
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)  # interpreted kernels compile 2x faster
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 @pytest.mark.parametrize('shape,dtype,block', [((1000,), jnp.float32, 128), ((3, 37, 5), jnp.bfloat16, None),

@@ -195,7 +195,8 @@ def _vendor_conv(lhs, rhs, geometry: backend.ConvGeometry, scale):
   nd = geometry.ndim
   y = lax.conv_general_dilated(
       lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
-      dimension_numbers=backend._channels_last_dims(nd), feature_group_count=geometry.feature_group_count,
+      dimension_numbers=backend.channels_last_dimension_numbers(nd),
+      feature_group_count=geometry.feature_group_count,
       preferred_element_type=jnp.float32)
   return y * scale
 
@@ -208,7 +209,7 @@ def _vendor_dgrad(g, rhs, geometry: backend.ConvGeometry, in_spatial, scale):
   pads = [((k - 1) * d - lo, s - o + lo) for s, k, o, (lo, _), d in
           zip(in_spatial, kernel, g.shape[1:-1], geometry.padding, geometry.rhs_dilation)]
   dx = lax.conv_general_dilated(g, w, (1,) * nd, pads, rhs_dilation=geometry.rhs_dilation,
-                                dimension_numbers=backend._channels_last_dims(nd),
+                                dimension_numbers=backend.channels_last_dimension_numbers(nd),
                                 preferred_element_type=jnp.float32)
   return dx * scale
 

@@ -120,22 +120,12 @@ def dsgc_search(g: jax.Array, ratios: np.ndarray, refine: int = 8, *, interpret:
   Three passes over ``g`` (two with ``refine == 0``); with ``enabled`` False at run time they do nothing and
   the result is garbage, which lets a caller select between a searched and a stored clip without a branch.
   """
-  ratios = np.asarray(ratios, np.float32)
   amax, _ = abs_max(g, interpret=interpret, enabled=enabled)
-  clips = quant.safe_clip(amax) * ratios
-  scores = clip_scores(g, amax, clips, interpret=interpret, enabled=enabled)
-  best = jnp.argmin(scores)
-  clip, dev = clips[best], scores[best]
-  if refine > 0:
-    hi = clips[jnp.maximum(best - 1, 0)]
-    lo = clips[jnp.minimum(best + 1, len(ratios) - 1)]
-    fine = lo + (hi - lo) * jnp.linspace(0.0, 1.0, refine + 2)[1:-1]
-    fine_scores = clip_scores(g, amax, fine, interpret=interpret, enabled=enabled)
-    fbest = jnp.argmin(fine_scores)
-    better = fine_scores[fbest] < dev
-    clip = jnp.where(better, fine[fbest], clip)
-    dev = jnp.where(better, fine_scores[fbest], dev)
-  return quant.ClipSearch(quant.safe_clip(clip), dev)
+
+  def score(g, clips):
+    return clip_scores(g, amax, clips, interpret=interpret, enabled=enabled)
+
+  return quant.dsgc_search(g, ratios, refine, amax=amax, score=score)
 
 
 def reference_abs_max(g):
