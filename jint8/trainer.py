@@ -178,25 +178,27 @@ def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Arr
 
 
 def summarize_train(step_metrics: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
-  """Reduces the metrics of the steps since the last log to scalars and per-layer values.
-
-  Scalars: mean ``loss`` and ``accuracy``; for int8 also ``grad_deviation_mean`` / ``grad_deviation_max``
-  over layers and steps and ``nonfinite`` (layer-steps with a non-finite gradient). Per layer: the mean
-  ``grad_deviation``, the last ``grad_clip`` and ``input_clip``, the ``nonfinite`` count.
-  """
+  """The mean of each scalar over the steps since the last log and, for int8, the per-layer statistics
+  (``layer_summary``)."""
   host = jax.device_get(step_metrics)
-  scalars = {k: float(np.mean([m[k] for m in host])) for k in ('loss', 'accuracy')}
+  scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'layers'}
   if 'layers' not in host[0]:
     return scalars, {}
+  layer_scalars, layers = layer_summary([m['layers'] for m in host])
+  return scalars | layer_scalars, layers
+
+
+def layer_summary(steps: list[dict[str, dict[str, np.ndarray]]]) -> tuple[dict[str, float], dict[str, dict]]:
+  """Per layer over ``steps``: the mean ``grad_deviation``, the last ``grad_clip`` and ``input_clip``, the
+  ``nonfinite`` count; and over all layers: ``grad_deviation_mean`` / ``_max`` and ``nonfinite``."""
   layers = {}
-  for name in host[0]['layers']:
-    series = {k: np.asarray([m['layers'][name][k] for m in host], np.float64) for k in host[0]['layers'][name]}
+  for name in steps[0]:
+    series = {k: np.asarray([s[name][k] for s in steps], np.float64) for k in steps[0][name]}
     layers[name] = {'grad_deviation': series['grad_deviation'].mean(), 'grad_clip': series['grad_clip'][-1],
                     'input_clip': series['input_clip'][-1], 'nonfinite': int(series['nonfinite'].sum())}
-  deviations = np.asarray([[m['layers'][n]['grad_deviation'] for n in layers] for m in host])
-  scalars.update(grad_deviation_mean=float(deviations.mean()), grad_deviation_max=float(deviations.max()),
-                 nonfinite=sum(v['nonfinite'] for v in layers.values()))
-  return scalars, layers
+  deviations = np.asarray([[s[n]['grad_deviation'] for n in layers] for s in steps])
+  return ({'grad_deviation_mean': float(deviations.mean()), 'grad_deviation_max': float(deviations.max()),
+           'nonfinite': sum(v['nonfinite'] for v in layers.values())}, layers)
 
 
 class _Loop:
@@ -239,7 +241,8 @@ def from_checkpoint_tree(like: TrainState, tree: dict[str, Any]) -> tuple[TrainS
   return flax.serialization.from_state_dict(like, tree['state']), (int(position['epoch']), int(position['index']))
 
 
-def _format(step: int, num_steps: int, split: str, record: dict[str, Any]) -> str:
+def format_record(step: int, num_steps: int, split: str, record: dict[str, Any]) -> str:
+  """One log line: ``step S/N split: key value, ...``."""
   parts = [f'{k} {v:.4g}' for k, v in record.items() if k not in ('step', 'split', 'layers')]
   return f'step {step}/{num_steps} {split}: ' + ', '.join(parts)
 
@@ -299,7 +302,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
   if step >= num_steps:
     final = loop.evaluate(state)
     if is_main:
-      print(f'Already trained to step {step}; ' + _format(step, num_steps, 'test', final), flush=True)
+      print(f'Already trained to step {step}; ' + format_record(step, num_steps, 'test', final), flush=True)
     checkpointer.close()
     writer.close()
     return final
@@ -322,7 +325,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
                      images_per_second=interval_steps * config.batch_size / elapsed)
       record = writer.write(step, 'train', scalars, layers)
       bar.show({k: record[k] for k in ('loss', 'accuracy')})
-      bar.write(_format(step, num_steps, 'train', record))
+      bar.write(format_record(step, num_steps, 'train', record))
       pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
     evaluate = step % eval_every == 0 or step == num_steps
     save = step % checkpoint_every == 0 or step == num_steps
@@ -331,7 +334,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
       pause_start = time.perf_counter()
       if evaluate:
         final = writer.write(step, 'test', loop.evaluate(state))
-        bar.write(_format(step, num_steps, 'test', final))
+        bar.write(format_record(step, num_steps, 'test', final))
       if save:
         checkpointer.save(step, checkpoint_tree(state, epoch, index))
       paused += time.perf_counter() - pause_start
