@@ -247,6 +247,52 @@ def format_record(step: int, num_steps: int, split: str, record: dict[str, Any])
   return f'step {step}/{num_steps} {split}: ' + ', '.join(parts)
 
 
+def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
+               config: Any, schedule, writer: metrics.MetricWriter, checkpointer, bar: progress.Progress,
+               evaluate, show: tuple[str, ...]):
+  """Runs ``loop.train_step`` from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
+
+  Logs every ``config.log_every_steps``, calls ``evaluate(state, step)`` every ``config.eval_every_steps`` and
+  saves a checkpoint every ``config.checkpoint_every_steps`` (0: once per epoch), all three also at the end.
+  ``show`` names the logged scalars shown on the progress bar. Returns the state and the last ``evaluate``
+  result.
+  """
+  step, epoch, index = start
+  eval_every = config.eval_every_steps or steps_per_epoch
+  checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+  order = loop.order(state, epoch)
+  pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
+  result = None
+  while step < num_steps:
+    state, step_metrics = loop.train_step(state, dataset, order, index)
+    pending.append(step_metrics)
+    step, index, interval_steps = step + 1, index + 1, interval_steps + 1
+    if index == steps_per_epoch:
+      epoch, index = epoch + 1, 0
+      order = loop.order(state, epoch)
+    bar.update()
+    if step % config.log_every_steps == 0 or step == num_steps:
+      scalars, layers = summarize_train(pending)  # waits for the steps to finish
+      elapsed = time.perf_counter() - interval_start - paused
+      scalars.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
+                     images_per_second=interval_steps * config.batch_size / elapsed)
+      record = writer.write(step, 'train', scalars, layers)
+      bar.show({k: record[k] for k in show})
+      bar.write(format_record(step, num_steps, 'train', record))
+      pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
+    evaluate_now = step % eval_every == 0 or step == num_steps
+    save = step % checkpoint_every == 0 or step == num_steps
+    if evaluate_now or save:
+      jax.block_until_ready(state)  # so that the pause below holds no training step
+      pause_start = time.perf_counter()
+      if evaluate_now:
+        result = evaluate(state, step)
+      if save:
+        checkpointer.save(step, checkpoint_tree(state, epoch, index))
+      paused += time.perf_counter() - pause_start
+  return state, result
+
+
 def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Module | None = None
                        ) -> dict[str, float]:
   """Trains and evaluates as ``config`` says, in (and resuming from) ``workdir``.
@@ -296,9 +342,6 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
     print(f'{jax.device_count()} devices, {dataset.train.num_examples} training images, {steps_per_epoch} '
           f'steps per epoch, {num_steps} steps, precision {config.precision}', flush=True)
   writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
-  eval_every = config.eval_every_steps or steps_per_epoch
-  checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
-
   if step >= num_steps:
     final = loop.evaluate(state)
     if is_main:
@@ -308,36 +351,15 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
     return final
 
   bar = progress.Progress(num_steps, initial=step, enabled=is_main)
-  order = loop.order(state, epoch)
-  pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
-  while step < num_steps:
-    state, step_metrics = loop.train_step(state, dataset, order, index)
-    pending.append(step_metrics)
-    step, index, interval_steps = step + 1, index + 1, interval_steps + 1
-    if index == steps_per_epoch:
-      epoch, index = epoch + 1, 0
-      order = loop.order(state, epoch)
-    bar.update()
-    if step % config.log_every_steps == 0 or step == num_steps:
-      scalars, layers = summarize_train(pending)  # waits for the steps to finish
-      elapsed = time.perf_counter() - interval_start - paused
-      scalars.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
-                     images_per_second=interval_steps * config.batch_size / elapsed)
-      record = writer.write(step, 'train', scalars, layers)
-      bar.show({k: record[k] for k in ('loss', 'accuracy')})
-      bar.write(format_record(step, num_steps, 'train', record))
-      pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
-    evaluate = step % eval_every == 0 or step == num_steps
-    save = step % checkpoint_every == 0 or step == num_steps
-    if evaluate or save:
-      jax.block_until_ready(state)  # so that the pause below holds no training step
-      pause_start = time.perf_counter()
-      if evaluate:
-        final = writer.write(step, 'test', loop.evaluate(state))
-        bar.write(format_record(step, num_steps, 'test', final))
-      if save:
-        checkpointer.save(step, checkpoint_tree(state, epoch, index))
-      paused += time.perf_counter() - pause_start
+
+  def evaluate(state, step):
+    record = writer.write(step, 'test', loop.evaluate(state))
+    bar.write(format_record(step, num_steps, 'test', record))
+    return record
+
+  state, final = train_loop(state, loop, dataset, start=(step, epoch, index), num_steps=num_steps,
+                            steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
+                            checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss', 'accuracy'))
   bar.close()
   final = {k: final[k] for k in ('loss', 'accuracy')}
   checkpointer.close()

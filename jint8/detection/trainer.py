@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -26,7 +25,7 @@ from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets,
 from jint8.input_pipeline import epoch_order
 from jint8.nn import STATE_COLLECTION, layer_stats
 from jint8.trainer import (TrainState, abstract_state, checkpoint_tree, format_record, from_checkpoint_tree,
-                           initial_state, summarize_train)
+                           initial_state, train_loop)
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -251,41 +250,18 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
           f'{d.eval_split} images at {image_size}, {len(loop.locations)} locations, {steps_per_epoch} steps '
           f'per epoch, {num_steps} steps, precision {config.precision}', flush=True)
   writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
-  eval_every = config.eval_every_steps or steps_per_epoch
-  checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
 
   bar = progress.Progress(num_steps, initial=step, enabled=is_main)
-  order = loop.order(state, epoch)
-  pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
-  final = detections = None
-  while step < num_steps:
-    state, step_metrics = loop.train_step(state, train, order, index)
-    pending.append(step_metrics)
-    step, index, interval_steps = step + 1, index + 1, interval_steps + 1
-    if index == steps_per_epoch:
-      epoch, index = epoch + 1, 0
-      order = loop.order(state, epoch)
-    bar.update()
-    if step % config.log_every_steps == 0 or step == num_steps:
-      scalars, layers = summarize_train(pending)  # waits for the steps to finish
-      elapsed = time.perf_counter() - interval_start - paused
-      scalars.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
-                     images_per_second=interval_steps * config.batch_size / elapsed)
-      record = writer.write(step, 'train', scalars, layers)
-      bar.show({'loss': record['loss']})
-      bar.write(format_record(step, num_steps, 'train', record))
-      pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
-    evaluate = step % eval_every == 0 or step == num_steps
-    save = step % checkpoint_every == 0 or step == num_steps
-    if evaluate or save:
-      jax.block_until_ready(state)  # so that the pause below holds no training step
-      pause_start = time.perf_counter()
-      if evaluate:
-        final, detections = loop.evaluate(state)
-        bar.write(format_record(step, num_steps, d.eval_split, writer.write(step, d.eval_split, final)))
-      if save:
-        checkpointer.save(step, checkpoint_tree(state, epoch, index))
-      paused += time.perf_counter() - pause_start
+
+  def evaluate(state, step):
+    result, detections = loop.evaluate(state)
+    bar.write(format_record(step, num_steps, d.eval_split, writer.write(step, d.eval_split, result)))
+    return result, detections
+
+  state, last = train_loop(state, loop, train, start=(step, epoch, index), num_steps=num_steps,
+                           steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
+                           checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss',))
+  final, detections = last if last is not None else (None, None)
   bar.close()
   if final is None:  # resumed from a finished run
     final, detections = loop.evaluate(state)
@@ -297,7 +273,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
     written = ['curves.png'] + (['layers.png'] if metrics.plot_layers(records, workdir / 'layers.png') else [])
     if config.num_visualize:
       loop.draw(workdir / 'detections.png', detections,
-                f'{config.model} FCOS, {config.precision}, step {step}: {d.eval_split} mAP {final["mAP"]:.3f}, '
+                f'{config.model} FCOS, {config.precision}, step {num_steps}: {d.eval_split} mAP {final["mAP"]:.3f}, '
                 f'mAP@.5 {final["mAP50"]:.3f} (dashed: ground truth)')
       written.append('detections.png')
     print(f'Wrote {", ".join(str(workdir / w) for w in written)}', flush=True)
