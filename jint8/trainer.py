@@ -247,6 +247,27 @@ def format_record(step: int, num_steps: int, split: str, record: dict[str, Any])
   return f'step {step}/{num_steps} {split}: ' + ', '.join(parts)
 
 
+def restore_or_initialize(workdir: pathlib.Path, config: Any, init_args: tuple, is_main: bool):
+  """The run's checkpointer and the state to start from: the latest readable checkpoint in ``workdir``, else a
+  new state from ``initial_state(*init_args)``. Writes ``config.json`` and says which it is.
+
+  Returns ``(checkpointer, state, epoch, index in epoch)``.
+  """
+  checkpointer = checkpointing.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
+  like = abstract_state(*init_args)
+  restored = checkpointer.restore_latest(checkpoint_tree(like, 0, 0))
+  if restored:
+    state, (epoch, index) = from_checkpoint_tree(like, restored[1])
+  else:
+    state, epoch, index = initial_state(*init_args), 0, 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+    print(f'Resuming from the checkpoint at step {int(state.step)} (epoch {epoch}, batch {index}) in {workdir}'
+          if restored else f'Starting a new run in {workdir}', flush=True)
+  return checkpointer, state, epoch, index
+
+
 def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
                config: Any, schedule, writer: metrics.MetricWriter, checkpointer, bar: progress.Progress,
                evaluate, show: tuple[str, ...]):
@@ -325,20 +346,10 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
   model = precision.apply_precision(model or create_model(config, dataset.num_classes), config)
   loop = _Loop(config, model, tx, dataset, mesh)
 
-  checkpointer = checkpointing.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
   init_args = (model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
-  like = abstract_state(*init_args)
-  restored = checkpointer.restore_latest(checkpoint_tree(like, 0, 0))
-  if restored:
-    state, (epoch, index) = from_checkpoint_tree(like, restored[1])
-  else:
-    state, epoch, index = initial_state(*init_args), 0, 0
+  checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
   step = int(state.step)
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
-    print(f'Resuming from the checkpoint at step {step} (epoch {epoch}, batch {index}) in {workdir}'
-          if restored else f'Starting a new run in {workdir}', flush=True)
     print(f'{jax.device_count()} devices, {dataset.train.num_examples} training images, {steps_per_epoch} '
           f'steps per epoch, {num_steps} steps, precision {config.precision}', flush=True)
   writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)

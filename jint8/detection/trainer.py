@@ -20,12 +20,11 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jint8 import checkpointing, metrics, models, optimizers, precision, progress, sharding
+from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
 from jint8.nn import STATE_COLLECTION, layer_stats
-from jint8.trainer import (TrainState, abstract_state, checkpoint_tree, format_record, from_checkpoint_tree,
-                           initial_state, train_loop)
+from jint8.trainer import TrainState, format_record, restore_or_initialize, train_loop
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -232,20 +231,10 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
   model = precision.apply_precision(model or create_model(config), config)
   loop = _Loop(config, model, tx, train, evaluation, ground_truth, mesh)
 
-  checkpointer = checkpointing.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
   init_args = (model, tx, (*image_size, 3), config.seed, sharding.replicated(mesh))
-  like = abstract_state(*init_args)
-  restored = checkpointer.restore_latest(checkpoint_tree(like, 0, 0))
-  if restored:
-    state, (epoch, index) = from_checkpoint_tree(like, restored[1])
-  else:
-    state, epoch, index = initial_state(*init_args), 0, 0
+  checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
   step = int(state.step)
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
-    print(f'Resuming from the checkpoint at step {step} (epoch {epoch}, batch {index}) in {workdir}'
-          if restored else f'Starting a new run in {workdir}', flush=True)
     print(f'{jax.device_count()} devices, {train.num_examples} training / {evaluation.num_examples} '
           f'{d.eval_split} images at {image_size}, {len(loop.locations)} locations, {steps_per_epoch} steps '
           f'per epoch, {num_steps} steps, precision {config.precision}', flush=True)
