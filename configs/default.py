@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.precision = 'int8'  # 'fp32', 'bf16' (bf16 compute, fp32 params) or 'int8'
   config.int8 = ml_collections.ConfigDict()
-  config.int8.backend = 'xla'  # 'xla' (any device) or 'pallas' (GPU kernels)
+  config.int8.backend = 'auto'  # 'pallas' (GPU kernels) on a GPU, else 'xla'; or name either
   config.int8.dsgc = True  # Direction Sensitive Gradient Clipping; False clips gradients at max|g|
   config.int8.period = 100  # steps between two DSGC clip searches
   config.int8.num_candidates = 32  # DSGC grid: geometric ratios of max|g| from 1 down to min_ratio

@@ -210,7 +210,10 @@ def register_backend(backend: Backend) -> None:
 
 
 def get_backend(name: str) -> Backend:
-  """The backend registered under ``name`` (``"xla"``, or ``"pallas"`` once ``jint8.pallas`` imports)."""
+  """The backend registered under ``name``: ``"xla"``, ``"pallas"`` (imports ``jint8.pallas``), or ``"auto"``:
+  ``"pallas"`` when JAX's default device is a GPU, else ``"xla"``."""
+  if name == 'auto':
+    name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
   if name not in _BACKENDS and name in _LAZY:
     importlib.import_module(_LAZY[name])
   if name not in _BACKENDS:

@@ -144,3 +144,28 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return True
+
+
+def plot_comparison(runs: Mapping[str, list[dict[str, Any]]], path: str | os.PathLike,
+                    metric: str = 'accuracy') -> None:
+  """One PNG comparing runs: test ``metric`` and train ``loss`` over epochs (steps when a run logs no epoch),
+  a line per run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, records in runs.items():
+    with_epoch = [r for r in records if r.get('epoch')]
+    epochs_per_step = with_epoch[-1]['epoch'] / with_epoch[-1]['step'] if with_epoch else 1.0
+    for ax, (split, key) in zip(axes, (('test', metric), ('train', 'loss'))):
+      steps, values = _series(records, split, key)
+      ax.plot([s * epochs_per_step for s in steps], values, label=name, linewidth=1)
+  for ax, title in zip(axes, (f'test {metric}', 'train loss')):
+    ax.set_title(title)
+    ax.set_xlabel('epoch')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small')
+  axes[1].set_yscale('log')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -28,7 +28,8 @@ class Int8Config:
   """Options of the int8 ops.
 
   Attributes:
-    backend: ``"xla"`` (reference, any device) or ``"pallas"`` (GPU kernels).
+    backend: ``"auto"`` (``"pallas"`` on a GPU, else ``"xla"``), ``"xla"`` (exact reference, any device) or
+      ``"pallas"`` (GPU kernels; interpreted elsewhere, slowly).
     dsgc: search the gradient clip value (Direction Sensitive Gradient Clipping); ``False`` clips at max|g|.
     stochastic_rounding: round gradients stochastically (unbiased); ``False`` rounds to nearest.
     num_candidates, min_ratio: the DSGC grid, ``num_candidates`` geometric ratios of max|g| from 1 to
@@ -39,7 +40,7 @@ class Int8Config:
     seed: seed of the stochastic rounding (combined with the layer's path and the step).
   """
 
-  backend: str = 'xla'
+  backend: str = 'auto'
   dsgc: bool = True
   stochastic_rounding: bool = True
   num_candidates: int = 32

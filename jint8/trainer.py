@@ -14,7 +14,7 @@ import importlib
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.serialization
 import flax.struct
@@ -177,41 +177,84 @@ def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Arr
           'count': jnp.sum(mask)}
 
 
-def summarize_train(step_metrics: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
-  """The mean of each scalar over the steps since the last log and, for int8, the per-layer statistics
-  (``layer_summary``)."""
-  host = jax.device_get(step_metrics)
-  scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'layers'}
-  if 'layers' not in host[0]:
+_LAST = ('grad_clip', 'input_clip')  # record keys that keep the later step's value; the others add up
+
+
+def step_record(step_metrics: dict[str, Any]) -> dict[str, Any]:
+  """One step's metrics as a record that ``combine_records`` accumulates: ``steps`` (1), the scalars and, for
+  int8, per layer ``grad_deviation``, ``grad_deviation_max``, ``grad_clip``, ``input_clip``, ``nonfinite``."""
+  record = {k: v for k, v in step_metrics.items() if k != 'layers'}
+  record['steps'] = jnp.ones((), jnp.int32)
+  if 'layers' in step_metrics:
+    record['layers'] = {name: dict(stats, grad_deviation_max=stats['grad_deviation'])
+                        for name, stats in step_metrics['layers'].items()}
+  return record
+
+
+def combine_records(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+  """The record of two consecutive spans of steps: maxima of ``grad_deviation_max``, the later clips, sums of
+  everything else."""
+
+  def combine(path, x, y):
+    key = path[-1].key
+    if key in _LAST:
+      return y
+    return jnp.maximum(x, y) if key == 'grad_deviation_max' else x + y
+
+  return jax.tree_util.tree_map_with_path(combine, earlier, later)
+
+
+def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]]):
+  """``train_step(state, data, order, index)`` run ``num_steps`` times on batches ``index, index + 1, ...`` in
+  one compiled loop (one compilation for any ``num_steps``).
+
+  Returns ``run(state, data, order, index, num_steps) -> (state, record)`` with the steps' metrics combined
+  (``step_record``, ``combine_records``).
+  """
+
+  def run(state, data, order, index, num_steps):
+    _, like = jax.eval_shape(train_step, state, data, order, index)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), step_record(like))
+
+    def body(i, carry):
+      state, record = carry
+      state, step_metrics = train_step(state, data, order, index + i)
+      return state, combine_records(record, step_record(step_metrics))
+
+    return jax.lax.fori_loop(0, num_steps, body, (state, zeros))
+
+  return run
+
+
+def summarize_train(records: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
+  """The mean of each scalar over the steps of ``records`` (``multi_step``'s results since the last log) and,
+  for int8, per layer the mean ``grad_deviation``, the last ``grad_clip`` and ``input_clip``, the ``nonfinite``
+  count; over all layers ``grad_deviation_mean`` / ``_max`` and ``nonfinite``."""
+  total = jax.device_get(functools.reduce(combine_records, records))
+  steps = int(total['steps'])
+  scalars = {k: float(v) / steps for k, v in total.items() if k not in ('steps', 'layers')}
+  if 'layers' not in total:
     return scalars, {}
-  layer_scalars, layers = layer_summary([m['layers'] for m in host])
-  return scalars | layer_scalars, layers
-
-
-def layer_summary(steps: list[dict[str, dict[str, np.ndarray]]]) -> tuple[dict[str, float], dict[str, dict]]:
-  """Per layer over ``steps``: the mean ``grad_deviation``, the last ``grad_clip`` and ``input_clip``, the
-  ``nonfinite`` count; and over all layers: ``grad_deviation_mean`` / ``_max`` and ``nonfinite``."""
-  layers = {}
-  for name in steps[0]:
-    series = {k: np.asarray([s[name][k] for s in steps], np.float64) for k in steps[0][name]}
-    layers[name] = {'grad_deviation': series['grad_deviation'].mean(), 'grad_clip': series['grad_clip'][-1],
-                    'input_clip': series['input_clip'][-1], 'nonfinite': int(series['nonfinite'].sum())}
-  deviations = np.asarray([[s[n]['grad_deviation'] for n in layers] for s in steps])
-  return ({'grad_deviation_mean': float(deviations.mean()), 'grad_deviation_max': float(deviations.max()),
-           'nonfinite': sum(v['nonfinite'] for v in layers.values())}, layers)
+  layers = {name: {'grad_deviation': float(s['grad_deviation']) / steps, 'grad_clip': float(s['grad_clip']),
+                   'input_clip': float(s['input_clip']), 'nonfinite': int(s['nonfinite'])}
+            for name, s in total['layers'].items()}
+  scalars.update(grad_deviation_mean=float(np.mean([s['grad_deviation'] for s in layers.values()])),
+                 grad_deviation_max=max(float(s['grad_deviation_max']) for s in total['layers'].values()),
+                 nonfinite=sum(s['nonfinite'] for s in layers.values()))
+  return scalars, layers
 
 
 class _Loop:
-  """The compiled functions of one run: train step, eval step and epoch order."""
+  """The compiled functions of one run: train steps, eval step and epoch order."""
 
   def __init__(self, config: Any, model: nn.Module, tx: optax.GradientTransformation,
                dataset: input_pipeline.Dataset, mesh: jax.sharding.Mesh):
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     self.dataset = dataset
     self.eval_batch_size = config.eval_batch_size
-    self.train_step = jax.jit(
+    self.train_steps = jax.jit(multi_step(
         functools.partial(train_step, model=model, tx=tx, batch_size=config.batch_size, batch_sharding=batch,
-                          label_smoothing=config.label_smoothing),
+                          label_smoothing=config.label_smoothing)),
         donate_argnums=0, out_shardings=replicated)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=model, batch_size=config.eval_batch_size, batch_sharding=batch),
@@ -271,28 +314,31 @@ def restore_or_initialize(workdir: pathlib.Path, config: Any, init_args: tuple, 
 def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
                config: Any, schedule, writer: metrics.MetricWriter, checkpointer, bar: progress.Progress,
                evaluate, show: tuple[str, ...]):
-  """Runs ``loop.train_step`` from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
+  """Runs ``loop.train_steps`` (``multi_step``) from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
 
   Logs every ``config.log_every_steps``, calls ``evaluate(state, step)`` every ``config.eval_every_steps`` and
-  saves a checkpoint every ``config.checkpoint_every_steps`` (0: once per epoch), all three also at the end.
-  ``show`` names the logged scalars shown on the progress bar. Returns the state and the last ``evaluate``
-  result.
+  saves a checkpoint every ``config.checkpoint_every_steps`` (0: once per epoch), all three also at the end;
+  the steps between two of these events (or an epoch's end) run as one compiled loop. ``show`` names the
+  logged scalars shown on the progress bar. Returns the state and the last ``evaluate`` result.
   """
   step, epoch, index = start
+  log_every = config.log_every_steps
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
   order = loop.order(state, epoch)
   pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
   result = None
   while step < num_steps:
-    state, step_metrics = loop.train_step(state, dataset, order, index)
-    pending.append(step_metrics)
-    step, index, interval_steps = step + 1, index + 1, interval_steps + 1
+    stop = min([(step // every + 1) * every for every in (log_every, eval_every, checkpoint_every)]
+               + [num_steps, step + steps_per_epoch - index])
+    state, record = loop.train_steps(state, dataset, order, np.int32(index), np.int32(stop - step))
+    pending.append(record)
+    bar.update(stop - step)
+    index, interval_steps, step = index + stop - step, interval_steps + stop - step, stop
     if index == steps_per_epoch:
       epoch, index = epoch + 1, 0
       order = loop.order(state, epoch)
-    bar.update()
-    if step % config.log_every_steps == 0 or step == num_steps:
+    if step % log_every == 0 or step == num_steps:
       scalars, layers = summarize_train(pending)  # waits for the steps to finish
       elapsed = time.perf_counter() - interval_start - paused
       scalars.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,

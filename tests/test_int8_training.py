@@ -5,7 +5,6 @@ import tarfile
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from PIL import Image

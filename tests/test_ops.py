@@ -254,6 +254,12 @@ def test_bad_input_errors(rng):
     backend_lib.get_backend('cuda-magic')
 
 
+def test_auto_backend_is_the_xla_reference_off_gpu():
+  assert jax.default_backend() == 'cpu'
+  assert backend_lib.get_backend('auto') is XLA
+  assert Int8Config().backend == 'auto'
+
+
 def test_stored_input_clip_is_searched_then_reused(rng):
   x = (rng.standard_t(2.0, size=(2, 6, 6, 3))).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)

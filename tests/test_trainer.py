@@ -5,6 +5,7 @@ The end-to-end runs use configs/smoke.py with the small CNN below (``--config.mo
 a few hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
 """
 
+import importlib
 import json
 import os
 import pathlib
@@ -23,7 +24,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jint8 import checkpointing, metrics, optimizers, precision, sharding, trainer
+from jint8 import checkpointing, metrics, models, optimizers, precision, sharding, trainer
 from test_datasets import cifar_subset  # noqa: F401  (session fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -180,6 +181,13 @@ def test_invalid_config_values_name_the_key(key, value, message):
     trainer.validate_config(_config(**{key: value}))
 
 
+@pytest.mark.parametrize('name', ['resnet', 'resnet56', 'mobilenet_v2', 'vgg16_bn', 'inception_v3_cifar'])
+def test_model_configs_are_valid_and_name_their_model(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  trainer.validate_config(config)
+  assert config.model in models.MODEL_NAMES and config.num_epochs == 200 and config.int8.backend == 'auto'
+
+
 def test_invalid_int8_and_model_settings_name_the_key():
   config = _config()
   config.int8.backend = 'cuda'
@@ -252,19 +260,33 @@ def test_create_optimizer_is_optax_by_name_with_weight_decay():
     optimizers.create_optimizer(_optimizer_config(kwargs={'beta': 0.9}), 0.1)
 
 
-def test_summarize_train_reduces_steps_and_layers():
-  steps = [{'loss': jnp.float32(l), 'accuracy': jnp.float32(a),
-            'layers': {'a': {'grad_clip': jnp.float32(c), 'grad_deviation': jnp.float32(d),
-                             'input_clip': jnp.float32(1.0), 'nonfinite': jnp.float32(n)},
-                       'b': {'grad_clip': jnp.float32(2 * c), 'grad_deviation': jnp.float32(2 * d),
-                             'input_clip': jnp.float32(2.0), 'nonfinite': jnp.float32(0)}}}
-           for l, a, c, d, n in ((1.0, 0.5, 0.1, 0.01, 0), (3.0, 0.25, 0.2, 0.03, 1))]
-  scalars, layers = trainer.summarize_train(steps)
-  assert scalars == pytest.approx({'loss': 2.0, 'accuracy': 0.375, 'grad_deviation_mean': 0.03,
-                                   'grad_deviation_max': 0.06, 'nonfinite': 1})
-  assert layers['a'] == pytest.approx({'grad_deviation': 0.02, 'grad_clip': 0.2, 'input_clip': 1.0,
-                                       'nonfinite': 1})
-  assert trainer.summarize_train([{'loss': 1.0, 'accuracy': 1.0}]) == ({'loss': 1.0, 'accuracy': 1.0}, {})
+def _toy_step(state, data, order, index):
+  """A train step of a toy state: adds the batch's value; metrics like an int8 step's, varying per batch."""
+  value = data[order[index]]
+  layer = {'grad_clip': value, 'grad_deviation': value / 10, 'input_clip': 2 * value,
+           'nonfinite': (value > 3.5).astype(jnp.float32)}
+  return state + value, {'loss': value, 'accuracy': value / 4, 'layers': {'a': layer, 'b': dict(layer, grad_deviation=value / 5)}}
+
+
+def test_multi_step_runs_the_steps_of_one_epoch_and_summarizes_them(rng):
+  data = jnp.asarray(rng.uniform(0, 4, size=8), jnp.float32)
+  order = jnp.asarray(rng.permutation(8), jnp.int32)
+  run = jax.jit(trainer.multi_step(_toy_step))
+  state, first = run(jnp.float32(1.0), data, order, np.int32(2), np.int32(3))
+  state, second = run(state, data, order, np.int32(5), np.int32(2))
+  values = np.asarray(data)[np.asarray(order)[2:7]].astype(np.float64)
+  np.testing.assert_allclose(state, 1 + values.sum(), rtol=1e-6)
+  assert int(first['steps']) == 3 and int(second['steps']) == 2
+  scalars, layers = trainer.summarize_train([first, second])
+  assert scalars == pytest.approx({'loss': values.mean(), 'accuracy': values.mean() / 4,
+                                   'grad_deviation_mean': 0.15 * values.mean(),
+                                   'grad_deviation_max': values.max() / 5,
+                                   'nonfinite': 2 * int((values > 3.5).sum())}, rel=1e-5)
+  assert layers['a'] == pytest.approx({'grad_deviation': values.mean() / 10, 'grad_clip': values[-1],
+                                       'input_clip': 2 * values[-1], 'nonfinite': int((values > 3.5).sum())},
+                                      rel=1e-5)
+  fp32 = trainer.summarize_train([trainer.step_record({'loss': jnp.float32(1.5), 'accuracy': jnp.float32(1.0)})])
+  assert fp32 == ({'loss': 1.5, 'accuracy': 1.0}, {})
 
 
 def test_checkpointer_restores_and_skips_a_corrupt_step(tmp_path):

@@ -24,7 +24,7 @@ from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
 from jint8.nn import STATE_COLLECTION, layer_stats
-from jint8.trainer import TrainState, format_record, restore_or_initialize, train_loop
+from jint8.trainer import TrainState, format_record, multi_step, restore_or_initialize, train_loop
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -136,10 +136,10 @@ class _Loop:
     self.train, self.evaluation, self.ground_truth = train, evaluation, ground_truth
     self.locations = targets.Locations(train.image_size, model_strides(model), config.fcos.size_boundaries,
                                        config.fcos.center_radius)
-    self.train_step = jax.jit(
+    self.train_steps = jax.jit(multi_step(
         functools.partial(train_step, model=model, tx=tx, locations=self.locations, batch_size=config.batch_size,
                           batch_sharding=batch, flips=tuple(config.dataset.flips),
-                          focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma),
+                          focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma)),
         donate_argnums=0, out_shardings=replicated)
     self.predict_step = jax.jit(
         functools.partial(predict_step, model=model, locations=self.locations,

@@ -1,0 +1,80 @@
+"""Compares finished runs: a table of final test metrics (with mean and spread over seeds) and a PNG of curves.
+
+  python -m jint8.compare runs/resnet20-fp32-s0 runs/resnet20-fp32-s1 runs/resnet20-int8-s0 ... \\
+      [--metric accuracy] [--plot compare.png]
+
+Runs whose ``config.json`` differ only in ``seed`` form a group; the group line gives the mean and the
+standard deviation (ddof 1) of the final test metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+from typing import Any
+
+from jint8 import metrics
+
+
+def summarize_run(workdir: pathlib.Path, metric: str) -> dict[str, Any]:
+  """The final and best test ``metric``, the steps, the non-finite gradient events and the largest per-layer
+  gradient deviation of the run in ``workdir``."""
+  records = metrics.read_records(workdir)
+  tests = [r for r in records if r['split'] == 'test' and metric in r]
+  if not tests:
+    raise ValueError(f'{workdir}: no test record with {metric!r} in {workdir / metrics.METRICS_FILE}')
+  train = [r for r in records if r['split'] == 'train']
+  return {'run': workdir.name, 'steps': tests[-1]['step'], 'final': tests[-1][metric],
+          'best': max(r[metric] for r in tests), 'nonfinite': sum(r.get('nonfinite', 0) for r in train),
+          'max_deviation': max((r.get('grad_deviation_max', 0.0) for r in train), default=0.0)}
+
+
+def group_key(workdir: pathlib.Path) -> str:
+  """The run's config without its seed (runs that differ only in seed share it); the run's name if it has no
+  ``config.json``."""
+  path = workdir / 'config.json'
+  if not path.exists():
+    return workdir.name
+  config = json.loads(path.read_text())
+  config.pop('seed', None)
+  return json.dumps(config, sort_keys=True)
+
+
+def table(workdirs: list[pathlib.Path], metric: str) -> str:
+  """A Markdown table: a row per run, then a row per group of two or more seeds (mean +- std)."""
+  rows = [f'| run | steps | final {metric} | best | non-finite | max deviation |', '|---|---|---|---|---|---|']
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for workdir in workdirs:
+    run = summarize_run(workdir, metric)
+    groups.setdefault(group_key(workdir), []).append(run)
+    rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {run['nonfinite']} "
+                f"| {run['max_deviation']:.4f} |")
+  for runs in groups.values():
+    if len(runs) > 1:
+      finals = [r['final'] for r in runs]
+      rows.append(f"| mean of {', '.join(r['run'] for r in runs)} | | {statistics.mean(finals):.4f} "
+                  f"+- {statistics.stdev(finals):.4f} | | | |")
+  return '\n'.join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('workdirs', nargs='+', type=pathlib.Path, help='run folders holding metrics.jsonl')
+  parser.add_argument('--metric', default='accuracy', help="test metric to compare ('mAP50' for detection)")
+  parser.add_argument('--plot', type=pathlib.Path, help='write a PNG of the curves here')
+  args = parser.parse_args(argv)
+  try:
+    print(table(args.workdirs, args.metric))
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  if args.plot:
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    metrics.plot_comparison({w.name: metrics.read_records(w) for w in args.workdirs}, args.plot, args.metric)
+    print(f'Wrote {args.plot}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,44 @@
+"""jint8.compare: the run table (final, best, seed groups) and its errors."""
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from jint8 import compare, metrics
+
+
+def _write_run(workdir, accuracies, deviations, seed, precision='int8'):
+  writer = metrics.MetricWriter(workdir)
+  for i, (accuracy, deviation) in enumerate(zip(accuracies, deviations)):
+    writer.write(10 * (i + 1), 'train', {'loss': 1.0 / (i + 1), 'epoch': i + 1.0, 'nonfinite': i % 2,
+                                        'grad_deviation_max': deviation})
+    writer.write(10 * (i + 1), 'test', {'accuracy': accuracy})
+  writer.close()
+  (workdir / 'config.json').write_text(json.dumps({'precision': precision, 'seed': seed}))
+
+
+def test_table_reports_each_run_and_the_seed_mean(tmp_path, rng):
+  runs = {}
+  for name, seed, precision in (('int8-s0', 0, 'int8'), ('int8-s1', 1, 'int8'), ('fp32-s0', 0, 'fp32')):
+    runs[name] = (rng.uniform(0.5, 0.9, size=4), rng.uniform(0, 0.1, size=4))
+    _write_run(tmp_path / name, *runs[name], seed=seed, precision=precision)
+  text = compare.table([tmp_path / n for n in runs], 'accuracy')
+  for name, (accuracies, deviations) in runs.items():
+    assert (f'| {name} | 40 | {accuracies[-1]:.4f} | {accuracies.max():.4f} | 2 | {deviations.max():.4f} |'
+            in text)
+  finals = [runs['int8-s0'][0][-1], runs['int8-s1'][0][-1]]
+  assert (f'| mean of int8-s0, int8-s1 | | {np.mean(finals):.4f} +- {statistics.stdev(finals):.4f} |'
+          in text)
+  assert 'mean of fp32' not in text  # a group of one run has no mean row
+  compare.main([str(tmp_path / n) for n in runs] + ['--plot', str(tmp_path / 'plots' / 'cmp.png')])
+  assert (tmp_path / 'plots' / 'cmp.png').stat().st_size > 0
+
+
+def test_a_run_without_the_metric_is_named(tmp_path, rng):
+  _write_run(tmp_path / 'run', rng.uniform(size=2), rng.uniform(size=2), seed=0)
+  with pytest.raises(ValueError, match=r"run: no test record with 'mAP50'"):
+    compare.table([tmp_path / 'run'], 'mAP50')
+  with pytest.raises(SystemExit, match='no test record'):
+    compare.main([str(tmp_path / 'missing')])
