@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
-import numpy as np
 
 from jint8 import input_pipeline, optimizers, precision, sharding, trainer
 
@@ -31,16 +30,6 @@ config_flags.DEFINE_config_file('config', 'configs/resnet.py', 'Training configu
 flags.DEFINE_integer('steps', 200, 'Batches timed in each measurement.')
 flags.DEFINE_bool('train_step', False, 'Also time the train step of the config.')
 flags.DEFINE_bool('synthetic', False, 'Random images of CIFAR-10 size instead of the dataset (no tfds needed).')
-
-
-def synthetic_dataset(replicated) -> input_pipeline.Dataset:
-  """50,000 + 10,000 random 32x32 RGB images with 10 classes: the throughput of the real data."""
-  rng = np.random.default_rng(0)
-  split = lambda n: input_pipeline.Split(
-      input_pipeline.place(rng.integers(0, 256, (n, 32, 32, 3), np.uint8), replicated),
-      input_pipeline.place(rng.integers(0, 10, n).astype(np.int32), replicated))
-  return input_pipeline.Dataset(train=split(50_000), test=split(10_000), num_classes=10,
-                                mean_rgb=(127.5,) * 3, stddev_rgb=(64.0,) * 3)
 
 
 def _images_per_second(fn, steps: int, batch_size: int) -> float:
@@ -57,7 +46,7 @@ def main(argv):
   batch_size, steps = config.batch_size, FLAGS.steps
   start = time.perf_counter()
   if FLAGS.synthetic:
-    dataset = synthetic_dataset(sharding.replicated(mesh))
+    dataset = input_pipeline.synthetic_dataset(sharding.replicated(mesh))
   else:
     dataset = input_pipeline.create_dataset(config.dataset, sharding.replicated(mesh))
   jax.block_until_ready(dataset)

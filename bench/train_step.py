@@ -3,9 +3,11 @@
 Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8 int8 convs, DSGC search every ``period`` steps,
 DCLR) and ``int8-search`` (the DSGC search on every step). Synthetic data; SGD with momentum; BN in the
 model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the ratio to bf16 and the
-compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON under ``--out``.
+compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON under ``--out``. With
+``--profile`` it also traces 5 steps of each row and tabulates the device time by kernel category
+(``kernel_profile.py``: int8 kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
 
-  python bench/train_step.py --models resnet50,resnet20,mobilenet_v2 --backend pallas --out $OUT
+  python bench/train_step.py --models resnet50,resnet20,mobilenet_v2 --backend pallas [--profile] --out $OUT
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import optax
 
 import jint8
+import kernel_profile
 from jint8 import models
 
 # model -> (image size, batch size, classes)
@@ -70,7 +73,8 @@ def build_step(model_name: str, mode: str, backend: str, period: int):
   return step, (tree, opt_state, batch_stats, images, labels), batch
 
 
-def measure(model_name: str, mode: str, backend: str, period: int, steps: int, warmup: int) -> dict:
+def measure(model_name: str, mode: str, backend: str, period: int, steps: int, warmup: int,
+            profile_dir: pathlib.Path | None = None) -> dict:
   step, args, batch = build_step(model_name, mode, backend, period)
   t0 = time.perf_counter()
   compiled = step.lower(*args).compile()
@@ -91,9 +95,18 @@ def measure(model_name: str, mode: str, backend: str, period: int, steps: int, w
   if not np.isfinite(float(loss)):
     raise RuntimeError(f'{model_name} {mode}: non-finite loss {float(loss)}')
   median = statistics.median(times)
-  return {'model': model_name, 'mode': mode, 'batch': batch, 'images_per_s': batch / median,
-          'step_ms': median * 1e3, 'spread_ms': (max(times) - min(times)) * 1e3,
-          'peak_bytes': peak, 'compile_s': compile_s, 'loss': float(loss)}
+  row = {'model': model_name, 'mode': mode, 'batch': batch, 'images_per_s': batch / median,
+         'step_ms': median * 1e3, 'spread_ms': (max(times) - min(times)) * 1e3,
+         'peak_bytes': peak, 'compile_s': compile_s, 'loss': float(loss)}
+  if profile_dir is not None:
+
+    def run():
+      nonlocal tree, opt_state, batch_stats
+      tree, opt_state, batch_stats, step_loss = compiled(tree, opt_state, batch_stats, images, labels)
+      return step_loss
+
+    row['profile_us'] = kernel_profile.profile(run, 5, profile_dir / f'{model_name}-{mode}')
+  return row
 
 
 def main():
@@ -105,6 +118,7 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--out', default='bench/results')
+  parser.add_argument('--profile', action='store_true', help='trace 5 steps per row: device time by kernel kind')
   args = parser.parse_args()
   for name in args.models.split(','):
     if name not in SHAPES:
@@ -117,7 +131,8 @@ def main():
   for name in args.models.split(','):
     for mode in args.modes.split(','):
       try:
-        row = measure(name, mode, args.backend, args.period, args.steps, args.warmup)
+        row = measure(name, mode, args.backend, args.period, args.steps, args.warmup,
+                      pathlib.Path(args.out) / 'traces' if args.profile else None)
       except Exception as e:  # a failing configuration is reported in the table, the others still run
         row = {'model': name, 'mode': mode, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
       rows.append(row)
@@ -139,6 +154,10 @@ def main():
     peak = f"{r['peak_bytes'] / 2**30:.1f}" if r['peak_bytes'] else ''
     lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['images_per_s']:.0f} | {speed} | "
                  f"{r['step_ms']:.1f} | {peak} | {mem} |")
+  profiles = {f"{r['model']} {r['mode']}": r['profile_us'] for r in rows if 'profile_us' in r}
+  if profiles:
+    lines += ['', 'Device time per step by kernel category (5 traced steps):', '',
+              kernel_profile.format_table(profiles)]
   table = '\n'.join(lines)
   print(table)
   out = pathlib.Path(args.out)

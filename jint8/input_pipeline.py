@@ -95,6 +95,19 @@ def create_dataset(dataset_config: Any, sharding: jax.sharding.Sharding) -> Data
                  mean_rgb=module.MEAN_RGB, stddev_rgb=module.STDDEV_RGB)
 
 
+def synthetic_dataset(sharding: jax.sharding.Sharding, num_train: int = 50_000, num_test: int = 10_000,
+                      seed: int = 0) -> Dataset:
+  """Random 32x32 RGB images with 10 classes, CIFAR-10's sizes by default: for benchmarks that need no data."""
+  rng = np.random.default_rng(seed)
+
+  def split(n):
+    return Split(place(rng.integers(0, 256, (n, 32, 32, 3), np.uint8), sharding),
+                 place(rng.integers(0, 10, n).astype(np.int32), sharding))
+
+  return Dataset(train=split(num_train), test=split(num_test), num_classes=10, mean_rgb=(127.5,) * 3,
+                 stddev_rgb=(64.0,) * 3)
+
+
 def epoch_order(key: jax.Array, epoch: int | jax.Array, num_examples: int) -> jax.Array:
   """The order in which epoch ``epoch`` visits the training examples: a permutation of ``num_examples``."""
   return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)

@@ -153,17 +153,31 @@ def train_step(state: TrainState, dataset: input_pipeline.Dataset, order: jax.Ar
     loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
     return loss, (logits, updates.get('batch_stats', {}))
 
-  (loss, (logits, batch_stats)), (g_params, g_state) = jax.value_and_grad(
+  new_state, loss, logits = gradient_step(state, tx, loss_fn)
+  return new_state, with_layer_stats({'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)},
+                                     new_state)
+
+
+def gradient_step(state: TrainState, tx: optax.GradientTransformation,
+                  loss_fn: Callable[[Any, Any], tuple[jax.Array, tuple[Any, Any]]]
+                  ) -> tuple[TrainState, jax.Array, Any]:
+  """One optimizer step on ``loss_fn(params, int8_state) -> (loss, (aux, new batch_stats))``.
+
+  The gradient of the int8 state (the ops' new quantization values, see ``jint8.optim``) goes through ``tx``
+  with the params' gradient. Returns the new state (step + 1), the loss and ``aux``.
+  """
+  (loss, (aux, batch_stats)), (g_params, g_state) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.int8_state)
   tree = {'params': state.params, STATE_COLLECTION: state.int8_state}
   updates, opt_state = tx.update({'params': g_params, STATE_COLLECTION: g_state}, state.opt_state, tree)
   tree = optax.apply_updates(tree, updates)
-  new_state = state.replace(step=state.step + 1, params=tree['params'], batch_stats=batch_stats,
-                            int8_state=tree[STATE_COLLECTION], opt_state=opt_state)
-  step_metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
-  if new_state.int8_state:
-    step_metrics['layers'] = layer_stats(new_state.int8_state)
-  return new_state, step_metrics
+  return state.replace(step=state.step + 1, params=tree['params'], batch_stats=batch_stats,
+                       int8_state=tree[STATE_COLLECTION], opt_state=opt_state), loss, aux
+
+
+def with_layer_stats(step_metrics: dict[str, Any], state: TrainState) -> dict[str, Any]:
+  """``step_metrics`` with, for an int8 state, ``layers``: each int8 layer's quantization statistics."""
+  return dict(step_metrics, layers=layer_stats(state.int8_state)) if state.int8_state else step_metrics
 
 
 def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Array, *, model: nn.Module,

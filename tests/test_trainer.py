@@ -265,7 +265,8 @@ def _toy_step(state, data, order, index):
   value = data[order[index]]
   layer = {'grad_clip': value, 'grad_deviation': value / 10, 'input_clip': 2 * value,
            'nonfinite': (value > 3.5).astype(jnp.float32)}
-  return state + value, {'loss': value, 'accuracy': value / 4, 'layers': {'a': layer, 'b': dict(layer, grad_deviation=value / 5)}}
+  layers = {'a': layer, 'b': dict(layer, grad_deviation=value / 5)}
+  return state + value, {'loss': value, 'accuracy': value / 4, 'layers': layers}
 
 
 def test_multi_step_runs_the_steps_of_one_epoch_and_summarizes_them(rng):

@@ -23,8 +23,8 @@ from flax import linen as nn
 from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
-from jint8.nn import STATE_COLLECTION, layer_stats
-from jint8.trainer import TrainState, format_record, multi_step, restore_or_initialize, train_loop
+from jint8.trainer import (TrainState, format_record, gradient_step, multi_step, restore_or_initialize, train_loop,
+                           with_layer_stats)
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -103,17 +103,8 @@ def train_step(state: TrainState, split: data.Split, order: jax.Array, index: ja
     loss, terms = losses.fcos_loss(outputs, goal, alpha=focal_alpha, gamma=focal_gamma)
     return loss, (terms, updates.get('batch_stats', {}))
 
-  (_, (terms, batch_stats)), (g_params, g_state) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.int8_state)
-  tree = {'params': state.params, STATE_COLLECTION: state.int8_state}
-  updates, opt_state = tx.update({'params': g_params, STATE_COLLECTION: g_state}, state.opt_state, tree)
-  tree = optax.apply_updates(tree, updates)
-  new_state = state.replace(step=state.step + 1, params=tree['params'], batch_stats=batch_stats,
-                            int8_state=tree[STATE_COLLECTION], opt_state=opt_state)
-  step_metrics = dict(terms)
-  if new_state.int8_state:
-    step_metrics['layers'] = layer_stats(new_state.int8_state)
-  return new_state, step_metrics
+  new_state, _, terms = gradient_step(state, tx, loss_fn)
+  return new_state, with_layer_stats(dict(terms), new_state)
 
 
 def predict_step(state: TrainState, split: data.Split, index: jax.Array, *, model: nn.Module,
