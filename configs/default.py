@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.int8.alpha = 20.0
   config.int8.beta = 0.1
   config.int8.skip_nonfinite = True  # skip the params update of a step with a non-finite gradient
+  config.int8.compute_dtype = 'float32'  # around the int8 convs (BN, ReLU, float layers): or 'bfloat16' (faster)
   config.int8.keep_first_conv_float = True
   config.int8.keep_dense_float = True
   config.int8.float_layers = ()  # regexes on layer paths ("stage1/block0/Conv_1") that stay float

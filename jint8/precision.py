@@ -21,7 +21,8 @@ from jint8 import backend, optim
 from jint8.nn import Int8Config, Int8Model, Int8Policy
 
 PRECISIONS = ('fp32', 'bf16', 'int8')
-_COMPUTE_DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'int8': jnp.float32}
+_COMPUTE_DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
+INT8_COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def check_precision(config: Any) -> None:
@@ -35,6 +36,9 @@ def check_precision(config: Any) -> None:
       backend.get_backend(config.int8.backend)
     except (ValueError, ImportError) as e:
       raise ValueError(f'config.int8.backend: {e}') from None
+    if config.int8.compute_dtype not in INT8_COMPUTE_DTYPES:
+      raise ValueError(f'config.int8.compute_dtype: {config.int8.compute_dtype!r} is not one of '
+                       f'{tuple(INT8_COMPUTE_DTYPES)}')
     if config.int8.period < 1:
       raise ValueError(f'config.int8.period must be >= 1, got {config.int8.period}')
     if not (config.int8.alpha >= 0 and 0 < config.int8.beta <= 1):
@@ -42,9 +46,12 @@ def check_precision(config: Any) -> None:
                        f'alpha={config.int8.alpha}, beta={config.int8.beta}')
 
 
-def compute_dtype(precision: str):
-  """The dtype models compute in (params stay float32)."""
-  return _COMPUTE_DTYPES[precision]
+def compute_dtype(config: Any):
+  """The dtype models compute in (params stay float32): float32 for fp32, bfloat16 for bf16, and for int8
+  ``config.int8.compute_dtype``, the dtype of everything around the int8 convs (BN, ReLU, the float layers)."""
+  if config.precision == 'int8':
+    return INT8_COMPUTE_DTYPES[config.int8.compute_dtype]
+  return _COMPUTE_DTYPES[config.precision]
 
 
 def int8_config(config: Any) -> Int8Config:

@@ -80,7 +80,7 @@ def create_model(config: Any, num_classes: int) -> nn.Module:
   ``config.model`` is a name in ``jint8.models.MODEL_NAMES`` or ``"package.module:Factory"``, any callable
   taking ``num_classes``, ``dtype`` and the ``model_kwargs`` (a model of your own).
   """
-  kwargs = dict(num_classes=num_classes, dtype=precision.compute_dtype(config.precision), **config.model_kwargs)
+  kwargs = dict(num_classes=num_classes, dtype=precision.compute_dtype(config), **config.model_kwargs)
   if ':' in config.model:
     module_name, name = config.model.split(':', 1)
     try:

@@ -198,6 +198,10 @@ def test_invalid_int8_and_model_settings_name_the_key():
   with pytest.raises(ValueError, match='config.int8: .*input_clip'):
     trainer.validate_config(config)
   config = _config()
+  config.int8.compute_dtype = 'float16'
+  with pytest.raises(ValueError, match="config.int8.compute_dtype: 'float16' is not one of"):
+    trainer.validate_config(config)
+  config = _config()
   config.int8.float_layers = ('stage[',)
   with pytest.raises(ValueError, match='config.int8: .*bad regular expression'):
     trainer.validate_config(config)
@@ -212,6 +216,9 @@ def test_invalid_int8_and_model_settings_name_the_key():
 def test_create_model_uses_the_precision_dtype():
   assert trainer.create_model(_config(precision='bf16'), 10).dtype == jnp.bfloat16
   assert trainer.create_model(_config(precision='int8'), 10).dtype == jnp.float32
+  config = _config(precision='int8')
+  config.int8.compute_dtype = 'bfloat16'
+  assert trainer.create_model(config, 10).dtype == jnp.bfloat16
   model = trainer.create_model(_config(model='test_trainer:TinyCNN'), 7)
   assert isinstance(model, TinyCNN) and model.num_classes == 7
 

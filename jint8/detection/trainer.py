@@ -74,7 +74,7 @@ def validate_config(config: Any) -> None:
 
 def create_model(config: Any) -> fcos.FCOS:
   """FCOS with the ResNet backbone ``config.model`` in the compute dtype of ``config.precision``."""
-  dtype = precision.compute_dtype(config.precision)
+  dtype = precision.compute_dtype(config)
   try:
     backbone = models.ResNetBackbone(depth=BACKBONES[config.model], dtype=dtype, **config.model_kwargs)
   except TypeError as e:
