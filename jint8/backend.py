@@ -1,7 +1,7 @@
 """Integer compute backends for the int8 ops.
 
 A backend does the int8 work of one conv or dense layer: quantizers, and int8 x int8 products accumulated in
-int32 and rescaled to float32 in the epilogue. Layouts are canonical, channels last:
+int32 and rescaled in float32 in the epilogue. Layouts are canonical, channels last:
 
   conv input   lhs  [N, *S, Cin]            (S: spatial input size)
   conv kernel  rhs  [*K, Cin // G, Cout]    (G: feature_group_count)
@@ -52,7 +52,8 @@ class ConvGeometry:
 
 
 class Backend(Protocol):
-  """What an integer backend provides. Every product returns float32 ``int32_result * scale``."""
+  """What an integer backend provides. Every product returns ``int32_result * scale`` computed in float32;
+  the forward conv and dgrad round it to ``out_dtype`` (float32 or the model's bfloat16) in the epilogue."""
 
   name: str
 
@@ -69,12 +70,14 @@ class Backend(Protocol):
     ``finite = False`` and meaningless other outputs: the caller must not use them.
     """
 
-  def conv(self, lhs: jax.Array, rhs: jax.Array, geometry: ConvGeometry, scale: jax.Array) -> jax.Array:
-    """Forward conv of int8 ``lhs`` and ``rhs``: float32 ``[N, *O, Cout]``."""
+  def conv(self, lhs: jax.Array, rhs: jax.Array, geometry: ConvGeometry, scale: jax.Array,
+           out_dtype=jnp.float32) -> jax.Array:
+    """Forward conv of int8 ``lhs`` and ``rhs``: ``[N, *O, Cout]`` in ``out_dtype``."""
 
   def conv_dgrad(self, g: jax.Array, rhs: jax.Array, geometry: ConvGeometry, in_spatial: Sequence[int],
-                 scale: jax.Array) -> jax.Array:
-    """Gradient w.r.t. the conv input from int8 ``g [N, *O, Cout]`` and ``rhs``: float32 ``[N, *S, Cin]``."""
+                 scale: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """Gradient w.r.t. the conv input from int8 ``g [N, *O, Cout]`` and ``rhs``: ``[N, *S, Cin]`` in
+    ``out_dtype``."""
 
   def conv_wgrad(self, lhs: jax.Array, g: jax.Array, geometry: ConvGeometry, kernel_spatial: Sequence[int],
                  scale: jax.Array) -> jax.Array:
@@ -135,16 +138,16 @@ class XlaBackend:
     gq = quant.quantize(g, clip, key=key if stochastic else None)
     return gq, clip, quant.cosine_deviation(g, gq), finite
 
-  def conv(self, lhs, rhs, geometry, scale):
+  def conv(self, lhs, rhs, geometry, scale, out_dtype=jnp.float32):
     nd = geometry.ndim
     _check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd], 'int8 conv forward')
     y = lax.conv_general_dilated(
         lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
         dimension_numbers=channels_last_dimension_numbers(nd), feature_group_count=geometry.feature_group_count,
         preferred_element_type=_conv_accumulator_type())
-    return y.astype(jnp.float32) * scale
+    return (y.astype(jnp.float32) * scale).astype(out_dtype)
 
-  def conv_dgrad(self, g, rhs, geometry, in_spatial, scale):
+  def conv_dgrad(self, g, rhs, geometry, in_spatial, scale, out_dtype=jnp.float32):
     # dx is the conv of g, dilated by the strides, with the spatially flipped kernel whose input and output
     # channels are swapped inside each group.
     nd, groups = geometry.ndim, geometry.feature_group_count
@@ -162,7 +165,7 @@ class XlaBackend:
         g, w, (1,) * nd, pads, lhs_dilation=geometry.window_strides, rhs_dilation=geometry.rhs_dilation,
         dimension_numbers=channels_last_dimension_numbers(nd), feature_group_count=groups,
         preferred_element_type=_conv_accumulator_type())
-    return dx.astype(jnp.float32) * scale
+    return (dx.astype(jnp.float32) * scale).astype(out_dtype)
 
   def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):
     # dw is a conv that contracts the batch: lhs as [Cin, *S, N] (channels as batch), g as [*O, N, Cout].

@@ -1,4 +1,5 @@
-"""Compares finished runs: a table of final test metrics (with mean and spread over seeds) and a PNG of curves.
+"""Compares finished runs: a table of final test metrics (with mean and spread over seeds, minutes of training)
+and a PNG of curves.
 
   python -m jint8.compare runs/resnet20-fp32-s0 runs/resnet20-fp32-s1 runs/resnet20-int8-s0 ... \\
       [--metric accuracy] [--plot compare.png]
@@ -19,44 +20,64 @@ from typing import Any
 from jint8 import metrics
 
 
+def _config(workdir: pathlib.Path) -> dict[str, Any] | None:
+  path = workdir / 'config.json'
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def training_seconds(train_records: list[dict[str, Any]], batch_size: int) -> float:
+  """Time spent in training steps (evaluation and checkpoints excluded), from the logged ``images_per_second``
+  of each interval: the sum of ``steps in the interval * batch_size / images_per_second``."""
+  seconds, previous = 0.0, 0
+  for record in train_records:
+    seconds += (record['step'] - previous) * batch_size / record['images_per_second']
+    previous = record['step']
+  return seconds
+
+
 def summarize_run(workdir: pathlib.Path, metric: str) -> dict[str, Any]:
-  """The final and best test ``metric``, the steps, the non-finite gradient events and the largest per-layer
-  gradient deviation of the run in ``workdir``."""
+  """The final and best test ``metric``, the steps, the minutes of training (``None`` without the run's
+  ``config.json``), the non-finite gradient events and the largest per-layer gradient deviation of the run in
+  ``workdir``."""
   records = metrics.read_records(workdir)
   tests = [r for r in records if r['split'] == 'test' and metric in r]
   if not tests:
     raise ValueError(f'{workdir}: no test record with {metric!r} in {workdir / metrics.METRICS_FILE}')
   train = [r for r in records if r['split'] == 'train']
+  config = _config(workdir)
+  minutes = None if config is None else training_seconds(train, config['batch_size']) / 60
   return {'run': workdir.name, 'steps': tests[-1]['step'], 'final': tests[-1][metric],
-          'best': max(r[metric] for r in tests), 'nonfinite': sum(r.get('nonfinite', 0) for r in train),
+          'best': max(r[metric] for r in tests), 'train_minutes': minutes,
+          'nonfinite': sum(r.get('nonfinite', 0) for r in train),
           'max_deviation': max((r.get('grad_deviation_max', 0.0) for r in train), default=0.0)}
 
 
 def group_key(workdir: pathlib.Path) -> str:
   """The run's config without its seed (runs that differ only in seed share it); the run's name if it has no
   ``config.json``."""
-  path = workdir / 'config.json'
-  if not path.exists():
+  config = _config(workdir)
+  if config is None:
     return workdir.name
-  config = json.loads(path.read_text())
   config.pop('seed', None)
   return json.dumps(config, sort_keys=True)
 
 
 def table(workdirs: list[pathlib.Path], metric: str) -> str:
   """A Markdown table: a row per run, then a row per group of two or more seeds (mean +- std)."""
-  rows = [f'| run | steps | final {metric} | best | non-finite | max deviation |', '|---|---|---|---|---|---|']
+  rows = [f'| run | steps | final {metric} | best | train minutes | non-finite | max deviation |',
+          '|---|---|---|---|---|---|---|']
   groups: dict[str, list[dict[str, Any]]] = {}
   for workdir in workdirs:
     run = summarize_run(workdir, metric)
     groups.setdefault(group_key(workdir), []).append(run)
-    rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {run['nonfinite']} "
-                f"| {run['max_deviation']:.4f} |")
+    minutes = '-' if run['train_minutes'] is None else f"{run['train_minutes']:.1f}"
+    rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {minutes} "
+                f"| {run['nonfinite']} | {run['max_deviation']:.4f} |")
   for runs in groups.values():
     if len(runs) > 1:
       finals = [r['final'] for r in runs]
       rows.append(f"| mean of {', '.join(r['run'] for r in runs)} | | {statistics.mean(finals):.4f} "
-                  f"+- {statistics.stdev(finals):.4f} | | | |")
+                  f"+- {statistics.stdev(finals):.4f} | | | | |")
   return '\n'.join(rows)
 
 

@@ -125,7 +125,7 @@ def _nan_unless(finite, x, dtype):
 def _conv_fwd(lhs, rhs, state, key, geometry, config):
   backend = get_backend(config.backend)
   xq, wq, cx, cw = _quantize_operands(backend, lhs, rhs, state, config)
-  y = backend.conv(xq, wq, geometry, cx * cw * _INV_QMAX2).astype(lhs.dtype)
+  y = backend.conv(xq, wq, geometry, cx * cw * _INV_QMAX2, out_dtype=lhs.dtype)
   return y, (xq, wq, cx, cw, state, key, _dtype_token(lhs), _dtype_token(rhs))
 
 
@@ -134,7 +134,7 @@ def _conv_bwd(geometry, config, residuals, g):
   backend = get_backend(config.backend)
   nd = geometry.ndim
   gq, c, finite, cotangent = _quantize_gradient(backend, g, state, key, config)
-  dx = backend.conv_dgrad(gq, wq, geometry, xq.shape[1:-1], c * cw * _INV_QMAX2)
+  dx = backend.conv_dgrad(gq, wq, geometry, xq.shape[1:-1], c * cw * _INV_QMAX2, out_dtype=lhs_token.dtype)
   dw = backend.conv_wgrad(xq, gq, geometry, wq.shape[:nd], cx * c * _INV_QMAX2)
   return (_nan_unless(finite, dx, lhs_token.dtype), _nan_unless(finite, dw, rhs_token.dtype),
           cotangent._replace(input_clip=cx), None)

@@ -9,25 +9,28 @@ import pytest
 from jint8 import compare, metrics
 
 
-def _write_run(workdir, accuracies, deviations, seed, precision='int8'):
+def _write_run(workdir, accuracies, deviations, seed, precision='int8', images_per_second=(100.0,)):
+  """A run logging every 10 steps at batch 8 (config.json) with these test accuracies and deviations."""
   writer = metrics.MetricWriter(workdir)
   for i, (accuracy, deviation) in enumerate(zip(accuracies, deviations)):
     writer.write(10 * (i + 1), 'train', {'loss': 1.0 / (i + 1), 'epoch': i + 1.0, 'nonfinite': i % 2,
-                                        'grad_deviation_max': deviation})
+                                        'grad_deviation_max': deviation,
+                                        'images_per_second': images_per_second[i % len(images_per_second)]})
     writer.write(10 * (i + 1), 'test', {'accuracy': accuracy})
   writer.close()
-  (workdir / 'config.json').write_text(json.dumps({'precision': precision, 'seed': seed}))
+  (workdir / 'config.json').write_text(json.dumps({'precision': precision, 'seed': seed, 'batch_size': 8}))
 
 
 def test_table_reports_each_run_and_the_seed_mean(tmp_path, rng):
   runs = {}
   for name, seed, precision in (('int8-s0', 0, 'int8'), ('int8-s1', 1, 'int8'), ('fp32-s0', 0, 'fp32')):
     runs[name] = (rng.uniform(0.5, 0.9, size=4), rng.uniform(0, 0.1, size=4))
-    _write_run(tmp_path / name, *runs[name], seed=seed, precision=precision)
+    _write_run(tmp_path / name, *runs[name], seed=seed, precision=precision, images_per_second=(4.0, 16.0))
   text = compare.table([tmp_path / n for n in runs], 'accuracy')
+  minutes = 2 * (10 * 8 / 4.0 + 10 * 8 / 16.0) / 60  # four logs of 10 steps of 8 images at 4 and 16 images/s
   for name, (accuracies, deviations) in runs.items():
-    assert (f'| {name} | 40 | {accuracies[-1]:.4f} | {accuracies.max():.4f} | 2 | {deviations.max():.4f} |'
-            in text)
+    assert (f'| {name} | 40 | {accuracies[-1]:.4f} | {accuracies.max():.4f} | {minutes:.1f} | 2 '
+            f'| {deviations.max():.4f} |' in text)
   finals = [runs['int8-s0'][0][-1], runs['int8-s1'][0][-1]]
   assert (f'| mean of int8-s0, int8-s1 | | {np.mean(finals):.4f} +- {statistics.stdev(finals):.4f} |'
           in text)

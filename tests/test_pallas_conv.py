@@ -93,6 +93,23 @@ def test_conv_scale_config_and_split_wgrad():
   np.testing.assert_array_equal(dw, XLA.conv_wgrad(x, g, geom, (3, 3), 0.5))  # 3 partial sums of <= 32 pixels
 
 
+@pytest.mark.parametrize('case', ['3x3 aligned groups2', 'stride2x1 asym-pad dil1x2 groups2', 'depthwise 3x3 stride2'])
+def test_bfloat16_epilogue_rounds_the_float32_result_once(case):
+  n, spatial, cin, kernel, cout, groups, strides, padding, dilation, _ = CASES[case]
+  geom = backend.ConvGeometry(strides, padding, dilation, groups)
+  x, w = _ints(14, (n, *spatial, cin)), _ints(15, (*kernel, cin // groups, cout))
+  g = _ints(16, (n, *geom.out_spatial(spatial, kernel), cout))
+  be = PallasBackend(conv_impl='pallas', dgrad_impl='pallas')
+  y = be.conv(x, w, geom, 0.37, out_dtype=jnp.bfloat16)
+  dx = be.conv_dgrad(g, w, geom, spatial, 0.011, out_dtype=jnp.bfloat16)
+  assert y.dtype == dx.dtype == jnp.bfloat16
+  expected_y = XLA.conv(x, w, geom, 0.37)
+  expected_dx = XLA.conv_dgrad(g, w, geom, spatial, 0.011)
+  np.testing.assert_array_equal(y, expected_y.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(dx, expected_dx.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(XLA.conv(x, w, geom, 0.37, jnp.bfloat16), y)
+
+
 def test_vendor_paths_match_xla():
   geom = backend.ConvGeometry((1, 1), ((1, 0), (2, 1)), (1, 2), 1)
   x, w = _ints(11, (2, 6, 7, 8)), _ints(12, (3, 2, 8, 4))

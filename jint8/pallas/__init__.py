@@ -137,31 +137,32 @@ class PallasBackend:
     gq, stats = quantize_kernel.quantize(g, clip, seeds, with_stats=True, interpret=interpret)
     return gq, clip, stats.deviation, stats.finite
 
-  def conv(self, lhs, rhs, geometry, scale):
+  def conv(self, lhs, rhs, geometry, scale, out_dtype=jnp.float32):
     path = self.plan('conv', lhs.shape, rhs.shape, geometry)
     if path == 'vendor':
-      return _vendor_conv(lhs, rhs, geometry, scale)
+      return _vendor_conv(lhs, rhs, geometry, scale).astype(out_dtype)
     if path == 'xla':
       self._fallback('conv', lhs.shape, rhs.shape)
-      return self._reference.conv(lhs, rhs, geometry, scale)
+      return self._reference.conv(lhs, rhs, geometry, scale, out_dtype)
     one_d = geometry.ndim == 1
     run = depthwise.depthwise_forward if path == 'depthwise' else conv_kernel.conv_forward
     y = run(lhs[:, None] if one_d else lhs, rhs[None] if one_d else rhs, _as_2d(geometry), scale,
-            interpret=self._interpret())
+            interpret=self._interpret(), out_dtype=out_dtype)
     return y[:, 0] if one_d else y
 
-  def conv_dgrad(self, g, rhs, geometry, in_spatial, scale):
+  def conv_dgrad(self, g, rhs, geometry, in_spatial, scale, out_dtype=jnp.float32):
     lhs_shape = (g.shape[0], *in_spatial, rhs.shape[-2] * geometry.feature_group_count)
     path = self.plan('dgrad', lhs_shape, rhs.shape, geometry)
     if path == 'vendor':
-      return _vendor_dgrad(g, rhs, geometry, in_spatial, scale)
+      return _vendor_dgrad(g, rhs, geometry, in_spatial, scale).astype(out_dtype)
     if path == 'xla':
       self._fallback('dgrad', lhs_shape, rhs.shape)
-      return self._reference.conv_dgrad(g, rhs, geometry, in_spatial, scale)
+      return self._reference.conv_dgrad(g, rhs, geometry, in_spatial, scale, out_dtype)
     one_d = geometry.ndim == 1
     run = depthwise.depthwise_dgrad if path == 'depthwise' else conv_kernel.conv_dgrad
     dx = run(g[:, None] if one_d else g, rhs[None] if one_d else rhs, _as_2d(geometry),
-             (1, *in_spatial) if one_d else tuple(in_spatial), scale, interpret=self._interpret())
+             (1, *in_spatial) if one_d else tuple(in_spatial), scale, interpret=self._interpret(),
+             out_dtype=out_dtype)
     return dx[:, 0] if one_d else dx
 
   def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):

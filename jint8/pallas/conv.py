@@ -5,7 +5,8 @@ reduction runs over (kernel tap, source channel). Each A tile is gathered straig
 source (input for the forward, output gradient for dgrad): row offsets come from the pixel and tap, columns are
 contiguous channels, out-of-image taps are masked to zero; no im2col buffer exists in device memory. B is the
 kernel rearranged K-major, ``[groups * columns, taps * source_channels_per_group]`` (a few MB at most). int32
-accumulation, float32 ``* scale`` epilogue, scattered channels-last store.
+accumulation, float32 ``* scale`` epilogue rounded to the output dtype (float32 or bfloat16), scattered
+channels-last store.
 
 When a group's source channels are a multiple of the K block, a K step stays inside one tap and rows need one
 offset each ("aligned"); otherwise every (row, k) element decodes its own tap (first layers, small groups).
@@ -116,13 +117,14 @@ def _kernel(src_ref, w_ref, table_ref, scale_ref, out_ref, *, plan: geo.ConvPlan
     steps = geo.div(size + bk - 1, bk)
 
   acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.int32))
-  out = acc.astype(jnp.float32) * scale_ref[0]
+  out = (acc.astype(jnp.float32) * scale_ref[0]).astype(out_ref.dtype)
   mask = r.ok[:, None] & col_ok[None, :]
   offsets = r.out_pixel[:, None] * (groups * group_out) + (group * group_out + cols)[None, :]
   common.scatter(out_ref, offsets, out, mask, interpret=interpret)
 
 
-def _implicit_gemm(src, w, plan: geo.ConvPlan, *, group_in, group_out, groups, scale, interpret, config):
+def _implicit_gemm(src, w, plan: geo.ConvPlan, *, group_in, group_out, groups, scale, interpret, config,
+                   out_dtype):
   channels = src.shape[-1]
   cfg = config or pick_config(plan.rows_per_phase, group_out, group_in, plan.h.taps * plan.w.taps)
   out_size = plan.batch * plan.h.out_size * plan.w.out_size * groups * group_out
@@ -134,7 +136,7 @@ def _implicit_gemm(src, w, plan: geo.ConvPlan, *, group_in, group_out, groups, s
           * common.cdiv(group_out, cfg.block_n),)
   kernel = functools.partial(_kernel, plan=plan, channels=channels, group_in=group_in, group_out=group_out,
                              groups=groups, cfg=cfg, interpret=interpret)
-  out = common.call(kernel, out_shape=jax.ShapeDtypeStruct((out_size,), jnp.float32), grid=grid,
+  out = common.call(kernel, out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype), grid=grid,
                     interpret=interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     name='jint8_conv')(src.reshape(-1), w, plan.table(),
                                        jnp.asarray(scale, jnp.float32).reshape(1))
@@ -156,8 +158,9 @@ def _check_terms(terms: int, what: str):
 
 
 def conv_forward(x, w, geometry: backend.ConvGeometry, scale, *, interpret: bool,
-                 config: ConvConfig | None = None):
-  """Forward conv of int8 ``x [N, H, W, Cin]`` and ``w [KH, KW, Cin/G, Cout]``: float32 ``[N, OH, OW, Cout]``."""
+                 config: ConvConfig | None = None, out_dtype=jnp.float32):
+  """Forward conv of int8 ``x [N, H, W, Cin]`` and ``w [KH, KW, Cin/G, Cout]``: ``[N, OH, OW, Cout]`` in
+  ``out_dtype`` (the float32 product rounded once)."""
   _check_2d(x, w, geometry)
   (n, h, wd, _), (kh, kw, group_in, cout) = x.shape, w.shape
   groups = geometry.feature_group_count
@@ -167,12 +170,12 @@ def conv_forward(x, w, geometry: backend.ConvGeometry, scale, *, interpret: bool
   plan = geo.ConvPlan(n, geo.forward_axis(h, oh, kh, sh, ph, dh), geo.forward_axis(wd, ow, kw, sw, pw, dw))
   w2 = jnp.transpose(w, (3, 0, 1, 2)).reshape(cout, kh * kw * group_in)
   return _implicit_gemm(x, w2, plan, group_in=group_in, group_out=cout // groups, groups=groups, scale=scale,
-                        interpret=interpret, config=config)
+                        interpret=interpret, config=config, out_dtype=out_dtype)
 
 
 def conv_dgrad(g, w, geometry: backend.ConvGeometry, in_spatial, scale, *, interpret: bool,
-               config: ConvConfig | None = None):
-  """Input gradient from int8 ``g [N, OH, OW, Cout]`` and ``w``: float32 ``[N, H, W, Cin]``."""
+               config: ConvConfig | None = None, out_dtype=jnp.float32):
+  """Input gradient from int8 ``g [N, OH, OW, Cout]`` and ``w``: ``[N, H, W, Cin]`` in ``out_dtype``."""
   _check_2d(g, w, geometry)
   (n, oh, ow, cout), (kh, kw, group_in, _) = g.shape, w.shape
   groups = geometry.feature_group_count
@@ -184,4 +187,4 @@ def conv_dgrad(g, w, geometry: backend.ConvGeometry, in_spatial, scale, *, inter
   w2 = w.reshape(kh, kw, group_in, groups, group_out).transpose(3, 2, 0, 1, 4)
   w2 = w2.reshape(groups * group_in, kh * kw * group_out)
   return _implicit_gemm(g, w2, plan, group_in=group_out, group_out=group_in, groups=groups, scale=scale,
-                        interpret=interpret, config=config)
+                        interpret=interpret, config=config, out_dtype=out_dtype)

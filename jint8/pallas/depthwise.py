@@ -73,10 +73,10 @@ def _kernel(src_ref, w_ref, table_ref, scale_ref, out_ref, *, plan: geo.ConvPlan
       acc = acc + a * w.astype(jnp.int32)[None, :]
   mask = r.ok[:, None] & c_ok[None, :]
   common.scatter(out_ref, r.out_pixel[:, None] * channels + chans[None, :],
-                 acc.astype(jnp.float32) * scale_ref[0], mask, interpret=interpret)
+                 (acc.astype(jnp.float32) * scale_ref[0]).astype(out_ref.dtype), mask, interpret=interpret)
 
 
-def _depthwise(src, w2, plan: geo.ConvPlan, scale, *, interpret, config):
+def _depthwise(src, w2, plan: geo.ConvPlan, scale, *, interpret, config, out_dtype):
   channels = src.shape[-1]
   cfg = config or pick_config(plan.rows_per_phase, channels)
   out_size = plan.batch * plan.h.out_size * plan.w.out_size * channels
@@ -85,7 +85,7 @@ def _depthwise(src, w2, plan: geo.ConvPlan, scale, *, interpret, config):
       raise ValueError(f'the Pallas depthwise conv indexes with int32; its {what} has {size} elements')
   grid = (plan.num_phases * common.cdiv(plan.rows_per_phase, cfg.block_m) * common.cdiv(channels, cfg.block_c),)
   kernel = functools.partial(_kernel, plan=plan, channels=channels, cfg=cfg, interpret=interpret)
-  out = common.call(kernel, out_shape=jax.ShapeDtypeStruct((out_size,), jnp.float32), grid=grid,
+  out = common.call(kernel, out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype), grid=grid,
                     interpret=interpret, num_warps=cfg.num_warps, num_stages=2, name='jint8_depthwise')(
                         src.reshape(-1), w2, plan.table(), jnp.asarray(scale, jnp.float32).reshape(1))
   return out.reshape(plan.batch, plan.h.out_size, plan.w.out_size, channels)
@@ -100,22 +100,24 @@ def _check(lhs, rhs, geometry: backend.ConvGeometry):
 
 
 def depthwise_forward(x, w, geometry: backend.ConvGeometry, scale, *, interpret: bool,
-                      config: DepthwiseConfig | None = None):
-  """Depthwise conv of int8 ``x [N, H, W, C]`` and ``w [KH, KW, 1, C]``: float32 ``[N, OH, OW, C]``."""
+                      config: DepthwiseConfig | None = None, out_dtype=jnp.float32):
+  """Depthwise conv of int8 ``x [N, H, W, C]`` and ``w [KH, KW, 1, C]``: ``[N, OH, OW, C]`` in ``out_dtype``."""
   _check(x, w, geometry)
   (n, h, wd, c), (kh, kw) = x.shape, w.shape[:2]
   oh, ow = geometry.out_spatial((h, wd), (kh, kw))
   (sh, sw), ((ph, _), (pw, _)), (dh, dw) = geometry.window_strides, geometry.padding, geometry.rhs_dilation
   plan = geo.ConvPlan(n, geo.forward_axis(h, oh, kh, sh, ph, dh), geo.forward_axis(wd, ow, kw, sw, pw, dw))
-  return _depthwise(x, w.reshape(kh * kw, c), plan, scale, interpret=interpret, config=config)
+  return _depthwise(x, w.reshape(kh * kw, c), plan, scale, interpret=interpret, config=config,
+                    out_dtype=out_dtype)
 
 
 def depthwise_dgrad(g, w, geometry: backend.ConvGeometry, in_spatial, scale, *, interpret: bool,
-                    config: DepthwiseConfig | None = None):
-  """Input gradient of a depthwise conv from int8 ``g [N, OH, OW, C]``: float32 ``[N, H, W, C]``."""
+                    config: DepthwiseConfig | None = None, out_dtype=jnp.float32):
+  """Input gradient of a depthwise conv from int8 ``g [N, OH, OW, C]``: ``[N, H, W, C]`` in ``out_dtype``."""
   _check(g, w, geometry)
   (n, oh, ow, c), (kh, kw) = g.shape, w.shape[:2]
   h, wd = in_spatial
   (sh, sw), ((ph, _), (pw, _)), (dh, dw) = geometry.window_strides, geometry.padding, geometry.rhs_dilation
   plan = geo.ConvPlan(n, geo.dgrad_axis(h, oh, kh, sh, ph, dh), geo.dgrad_axis(wd, ow, kw, sw, pw, dw))
-  return _depthwise(g, w.reshape(kh * kw, c), plan, scale, interpret=interpret, config=config)
+  return _depthwise(g, w.reshape(kh * kw, c), plan, scale, interpret=interpret, config=config,
+                    out_dtype=out_dtype)
