@@ -54,6 +54,17 @@ def compute_dtype(config: Any):
   return _COMPUTE_DTYPES[config.precision]
 
 
+def describe(config: Any) -> str:
+  """``config.precision`` in words, for int8 with the backend that runs (``"auto"`` resolved) and DSGC / DCLR."""
+  if config.precision != 'int8':
+    return config.precision
+  c = config.int8
+  dsgc = f'DSGC every {c.period} steps' if c.dsgc else 'max-abs gradient clip'
+  dclr = f'DCLR alpha {c.alpha:g} beta {c.beta:g}' if c.dclr else 'no DCLR'
+  return (f'int8 ({backend.get_backend(c.backend).name} backend, {dsgc}, {dclr}, '
+          f'{c.compute_dtype} elsewhere)')
+
+
 def int8_config(config: Any) -> Int8Config:
   """The ``Int8Config`` of ``config.int8``, seeded with ``config.seed``."""
   c = config.int8

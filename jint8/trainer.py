@@ -411,7 +411,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
   step = int(state.step)
   if is_main:
     print(f'{jax.device_count()} devices, {dataset.train.num_examples} training images, {steps_per_epoch} '
-          f'steps per epoch, {num_steps} steps, precision {config.precision}', flush=True)
+          f'steps per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)
   writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
   if step >= num_steps:
     final = loop.evaluate(state)

@@ -213,6 +213,15 @@ def test_invalid_int8_and_model_settings_name_the_key():
     trainer.create_model(config, 10)
 
 
+def test_precision_is_described_with_the_backend_that_runs():
+  config = _config()
+  assert precision.describe(config) == ('int8 (xla backend, DSGC every 4 steps, DCLR alpha 20 beta 0.1, '
+                                        'float32 elsewhere)')  # backend "auto" off a GPU
+  config.int8.dsgc, config.int8.dclr = False, False
+  assert 'max-abs gradient clip, no DCLR' in precision.describe(config)
+  assert precision.describe(_config(precision='bf16')) == 'bf16'
+
+
 def test_create_model_uses_the_precision_dtype():
   assert trainer.create_model(_config(precision='bf16'), 10).dtype == jnp.bfloat16
   assert trainer.create_model(_config(precision='int8'), 10).dtype == jnp.float32

@@ -228,7 +228,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
   if is_main:
     print(f'{jax.device_count()} devices, {train.num_examples} training / {evaluation.num_examples} '
           f'{d.eval_split} images at {image_size}, {len(loop.locations)} locations, {steps_per_epoch} steps '
-          f'per epoch, {num_steps} steps, precision {config.precision}', flush=True)
+          f'per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)
   writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
 
   bar = progress.Progress(num_steps, initial=step, enabled=is_main)
