@@ -391,56 +391,57 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.data_mesh()
-  sharding.check_batch_size(config.batch_size, mesh, 'config.batch_size')
-  sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
+  with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
+    sharding.check_batch_size(config.batch_size, mesh, 'config.batch_size')
+    sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
 
-  dataset = input_pipeline.create_dataset(config.dataset, sharding.replicated(mesh))
-  steps_per_epoch = dataset.train.num_examples // config.batch_size
-  if not steps_per_epoch:
-    raise ValueError(f'config.batch_size={config.batch_size} is larger than the training set '
-                     f'({dataset.train.num_examples} examples)')
-  num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-  schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
-                                               steps_per_epoch=steps_per_epoch, num_steps=num_steps)
-  tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, schedule), config)
-  model = precision.apply_precision(model or create_model(config, dataset.num_classes), config)
-  loop = _Loop(config, model, tx, dataset, mesh)
+    dataset = input_pipeline.create_dataset(config.dataset, sharding.replicated(mesh))
+    steps_per_epoch = dataset.train.num_examples // config.batch_size
+    if not steps_per_epoch:
+      raise ValueError(f'config.batch_size={config.batch_size} is larger than the training set '
+                       f'({dataset.train.num_examples} examples)')
+    num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+    schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
+                                                 steps_per_epoch=steps_per_epoch, num_steps=num_steps)
+    tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, schedule), config)
+    model = precision.apply_precision(model or create_model(config, dataset.num_classes), config)
+    loop = _Loop(config, model, tx, dataset, mesh)
 
-  init_args = (model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
-  checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
-  step = int(state.step)
-  if is_main:
-    print(f'{jax.device_count()} devices, {dataset.train.num_examples} training images, {steps_per_epoch} '
-          f'steps per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)
-  writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
-  if step >= num_steps:
-    final = loop.evaluate(state)
+    init_args = (model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
+    checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
+    step = int(state.step)
     if is_main:
-      print(f'Already trained to step {step}; ' + format_record(step, num_steps, 'test', final), flush=True)
+      print(f'{jax.device_count()} devices, {dataset.train.num_examples} training images, {steps_per_epoch} '
+            f'steps per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)
+    writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
+    if step >= num_steps:
+      final = loop.evaluate(state)
+      if is_main:
+        print(f'Already trained to step {step}; ' + format_record(step, num_steps, 'test', final), flush=True)
+      checkpointer.close()
+      writer.close()
+      return final
+
+    bar = progress.Progress(num_steps, initial=step, enabled=is_main)
+
+    def evaluate(state, step):
+      record = writer.write(step, 'test', loop.evaluate(state))
+      bar.write(format_record(step, num_steps, 'test', record))
+      return record
+
+    state, final = train_loop(state, loop, dataset, start=(step, epoch, index), num_steps=num_steps,
+                              steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
+                              checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss', 'accuracy'))
+    bar.close()
+    final = {k: final[k] for k in ('loss', 'accuracy')}
     checkpointer.close()
     writer.close()
+    if is_main:
+      records = metrics.read_records(workdir)
+      metrics.plot_curves(records, workdir / 'curves.png')
+      if metrics.plot_layers(records, workdir / 'layers.png'):
+        print(f'Wrote {workdir / "curves.png"} and {workdir / "layers.png"}', flush=True)
+      else:
+        print(f'Wrote {workdir / "curves.png"}', flush=True)
+      print(json.dumps({'final_test': final}), flush=True)
     return final
-
-  bar = progress.Progress(num_steps, initial=step, enabled=is_main)
-
-  def evaluate(state, step):
-    record = writer.write(step, 'test', loop.evaluate(state))
-    bar.write(format_record(step, num_steps, 'test', record))
-    return record
-
-  state, final = train_loop(state, loop, dataset, start=(step, epoch, index), num_steps=num_steps,
-                            steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
-                            checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss', 'accuracy'))
-  bar.close()
-  final = {k: final[k] for k in ('loss', 'accuracy')}
-  checkpointer.close()
-  writer.close()
-  if is_main:
-    records = metrics.read_records(workdir)
-    metrics.plot_curves(records, workdir / 'curves.png')
-    if metrics.plot_layers(records, workdir / 'layers.png'):
-      print(f'Wrote {workdir / "curves.png"} and {workdir / "layers.png"}', flush=True)
-    else:
-      print(f'Wrote {workdir / "curves.png"}', flush=True)
-    print(json.dumps({'final_test': final}), flush=True)
-  return final

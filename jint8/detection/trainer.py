@@ -198,64 +198,65 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.data_mesh()
-  sharding.check_batch_size(config.batch_size, mesh, 'config.batch_size')
-  sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
+  with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
+    sharding.check_batch_size(config.batch_size, mesh, 'config.batch_size')
+    sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
 
-  d = config.dataset
-  builder = voc.builder(data_dir=d.data_dir or None, archive=d.archive or None)
-  image_size = tuple(d.image_size)
-  train, _ = data.create_split(builder.as_data_source(d.train_split), image_size, d.max_boxes,
-                               sharding.replicated(mesh), max_examples=d.max_train_examples)
-  evaluation, ground_truth = data.create_split(builder.as_data_source(d.eval_split), image_size, d.max_boxes,
-                                               sharding.replicated(mesh), max_examples=d.max_test_examples)
-  steps_per_epoch = train.num_examples // config.batch_size
-  if not steps_per_epoch:
-    raise ValueError(f'config.batch_size={config.batch_size} is larger than the training split '
-                     f'({train.num_examples} images)')
-  num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-  schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
-                                               steps_per_epoch=steps_per_epoch, num_steps=num_steps)
-  inner = optimizers.create_optimizer(config.optimizer, schedule)
-  if config.grad_clip_norm:
-    inner = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), inner)
-  tx = precision.wrap_optimizer(inner, config)
-  model = precision.apply_precision(model or create_model(config), config)
-  loop = _Loop(config, model, tx, train, evaluation, ground_truth, mesh)
+    d = config.dataset
+    builder = voc.builder(data_dir=d.data_dir or None, archive=d.archive or None)
+    image_size = tuple(d.image_size)
+    train, _ = data.create_split(builder.as_data_source(d.train_split), image_size, d.max_boxes,
+                                 sharding.replicated(mesh), max_examples=d.max_train_examples)
+    evaluation, ground_truth = data.create_split(builder.as_data_source(d.eval_split), image_size, d.max_boxes,
+                                                 sharding.replicated(mesh), max_examples=d.max_test_examples)
+    steps_per_epoch = train.num_examples // config.batch_size
+    if not steps_per_epoch:
+      raise ValueError(f'config.batch_size={config.batch_size} is larger than the training split '
+                       f'({train.num_examples} images)')
+    num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+    schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
+                                                 steps_per_epoch=steps_per_epoch, num_steps=num_steps)
+    inner = optimizers.create_optimizer(config.optimizer, schedule)
+    if config.grad_clip_norm:
+      inner = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), inner)
+    tx = precision.wrap_optimizer(inner, config)
+    model = precision.apply_precision(model or create_model(config), config)
+    loop = _Loop(config, model, tx, train, evaluation, ground_truth, mesh)
 
-  init_args = (model, tx, (*image_size, 3), config.seed, sharding.replicated(mesh))
-  checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
-  step = int(state.step)
-  if is_main:
-    print(f'{jax.device_count()} devices, {train.num_examples} training / {evaluation.num_examples} '
-          f'{d.eval_split} images at {image_size}, {len(loop.locations)} locations, {steps_per_epoch} steps '
-          f'per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)
-  writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
+    init_args = (model, tx, (*image_size, 3), config.seed, sharding.replicated(mesh))
+    checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
+    step = int(state.step)
+    if is_main:
+      print(f'{jax.device_count()} devices, {train.num_examples} training / {evaluation.num_examples} '
+            f'{d.eval_split} images at {image_size}, {len(loop.locations)} locations, {steps_per_epoch} steps '
+            f'per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)
+    writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
 
-  bar = progress.Progress(num_steps, initial=step, enabled=is_main)
+    bar = progress.Progress(num_steps, initial=step, enabled=is_main)
 
-  def evaluate(state, step):
-    result, detections = loop.evaluate(state)
-    bar.write(format_record(step, num_steps, d.eval_split, writer.write(step, d.eval_split, result)))
-    return result, detections
+    def evaluate(state, step):
+      result, detections = loop.evaluate(state)
+      bar.write(format_record(step, num_steps, d.eval_split, writer.write(step, d.eval_split, result)))
+      return result, detections
 
-  state, last = train_loop(state, loop, train, start=(step, epoch, index), num_steps=num_steps,
-                           steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
-                           checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss',))
-  final, detections = last if last is not None else (None, None)
-  bar.close()
-  if final is None:  # resumed from a finished run
-    final, detections = loop.evaluate(state)
-  checkpointer.close()
-  writer.close()
-  if is_main:
-    records = metrics.read_records(workdir)
-    metrics.plot_curves(records, workdir / 'curves.png')
-    written = ['curves.png'] + (['layers.png'] if metrics.plot_layers(records, workdir / 'layers.png') else [])
-    if config.num_visualize:
-      loop.draw(workdir / 'detections.png', detections,
-                f'{config.model} FCOS, {config.precision}, step {num_steps}: {d.eval_split} mAP {final["mAP"]:.3f}, '
-                f'mAP@.5 {final["mAP50"]:.3f} (dashed: ground truth)')
-      written.append('detections.png')
-    print(f'Wrote {", ".join(str(workdir / w) for w in written)}', flush=True)
-    print(json.dumps({f'final_{d.eval_split}': final}), flush=True)
-  return final
+    state, last = train_loop(state, loop, train, start=(step, epoch, index), num_steps=num_steps,
+                             steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
+                             checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss',))
+    final, detections = last if last is not None else (None, None)
+    bar.close()
+    if final is None:  # resumed from a finished run
+      final, detections = loop.evaluate(state)
+    checkpointer.close()
+    writer.close()
+    if is_main:
+      records = metrics.read_records(workdir)
+      metrics.plot_curves(records, workdir / 'curves.png')
+      written = ['curves.png'] + (['layers.png'] if metrics.plot_layers(records, workdir / 'layers.png') else [])
+      if config.num_visualize:
+        loop.draw(workdir / 'detections.png', detections,
+                  f'{config.model} FCOS, {config.precision}, step {num_steps}: {d.eval_split} mAP {final["mAP"]:.3f}, '
+                  f'mAP@.5 {final["mAP50"]:.3f} (dashed: ground truth)')
+        written.append('detections.png')
+      print(f'Wrote {", ".join(str(workdir / w) for w in written)}', flush=True)
+      print(json.dumps({f'final_{d.eval_split}': final}), flush=True)
+    return final

@@ -23,6 +23,9 @@ stride 1 for dgrad); elsewhere the kernels run.
 formulation (``XlaBackend``), except where ``"vendor"`` is asked for and applies. Every such use is logged once
 and recorded in ``PallasBackend.fallbacks``.
 
+Under a data-parallel mesh (``jax.set_mesh``) every kernel runs on each device's batch shard
+(``data_parallel``), with the results a single device would give.
+
 Off a CUDA GPU the kernels run in the Pallas interpreter (``interpret=True``), which is how CI tests them.
 """
 
@@ -41,6 +44,7 @@ from jint8.pallas import clip_scores
 from jint8.pallas import common
 from jint8.pallas import conv as conv_kernel
 from jint8.pallas import conv_wgrad as wgrad_kernel
+from jint8.pallas import data_parallel
 from jint8.pallas import depthwise
 from jint8.pallas import depthwise_wgrad
 from jint8.pallas import gemm
@@ -144,11 +148,16 @@ class PallasBackend:
     if path == 'xla':
       self._fallback('conv', lhs.shape, rhs.shape)
       return self._reference.conv(lhs, rhs, geometry, scale, out_dtype)
-    one_d = geometry.ndim == 1
-    run = depthwise.depthwise_forward if path == 'depthwise' else conv_kernel.conv_forward
-    y = run(lhs[:, None] if one_d else lhs, rhs[None] if one_d else rhs, _as_2d(geometry), scale,
-            interpret=self._interpret(), out_dtype=out_dtype)
-    return y[:, 0] if one_d else y
+    one_d, interpret = geometry.ndim == 1, self._interpret()
+    kernel = depthwise.depthwise_forward if path == 'depthwise' else conv_kernel.conv_forward
+
+    def run(x, w, scale, *, shard_index):
+      del shard_index
+      y = kernel(x[:, None] if one_d else x, w[None] if one_d else w, _as_2d(geometry), scale,
+                 interpret=interpret, out_dtype=out_dtype)
+      return y[:, 0] if one_d else y
+
+    return data_parallel.map_batch(run, (lhs,), (rhs, jnp.asarray(scale, jnp.float32)))
 
   def conv_dgrad(self, g, rhs, geometry, in_spatial, scale, out_dtype=jnp.float32):
     lhs_shape = (g.shape[0], *in_spatial, rhs.shape[-2] * geometry.feature_group_count)
@@ -158,12 +167,17 @@ class PallasBackend:
     if path == 'xla':
       self._fallback('dgrad', lhs_shape, rhs.shape)
       return self._reference.conv_dgrad(g, rhs, geometry, in_spatial, scale, out_dtype)
-    one_d = geometry.ndim == 1
-    run = depthwise.depthwise_dgrad if path == 'depthwise' else conv_kernel.conv_dgrad
-    dx = run(g[:, None] if one_d else g, rhs[None] if one_d else rhs, _as_2d(geometry),
-             (1, *in_spatial) if one_d else tuple(in_spatial), scale, interpret=self._interpret(),
-             out_dtype=out_dtype)
-    return dx[:, 0] if one_d else dx
+    one_d, interpret = geometry.ndim == 1, self._interpret()
+    kernel = depthwise.depthwise_dgrad if path == 'depthwise' else conv_kernel.conv_dgrad
+
+    def run(g, w, scale, *, shard_index):
+      del shard_index
+      dx = kernel(g[:, None] if one_d else g, w[None] if one_d else w, _as_2d(geometry),
+                  (1, *in_spatial) if one_d else tuple(in_spatial), scale, interpret=interpret,
+                  out_dtype=out_dtype)
+      return dx[:, 0] if one_d else dx
+
+    return data_parallel.map_batch(run, (g,), (rhs, jnp.asarray(scale, jnp.float32)))
 
   def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):
     rhs_shape = (*kernel_spatial, lhs.shape[-1] // geometry.feature_group_count, g.shape[-1])
@@ -171,24 +185,39 @@ class PallasBackend:
     if path == 'xla':
       self._fallback('wgrad', lhs.shape, rhs_shape)
       return self._reference.conv_wgrad(lhs, g, geometry, kernel_spatial, scale)
-    one_d = geometry.ndim == 1
-    x, g2 = (lhs[:, None], g[:, None]) if one_d else (lhs, g)
+    one_d, interpret = geometry.ndim == 1, self._interpret()
     spatial = (1, *kernel_spatial) if one_d else tuple(kernel_spatial)
-    if path == 'depthwise':
-      dw = depthwise_wgrad.depthwise_wgrad(x, g2, _as_2d(geometry), spatial, scale, interpret=self._interpret())
-    else:
-      cfg = wgrad_kernel.pick_config(rhs_shape[-2], g.shape[-1] // geometry.feature_group_count,
-                                     path.removeprefix('gemm-'))
-      dw = wgrad_kernel.conv_wgrad(x, g2, _as_2d(geometry), spatial, scale, interpret=self._interpret(),
-                                   config=cfg)
-    return dw[0] if one_d else dw
+    cfg = None if path == 'depthwise' else wgrad_kernel.pick_config(
+        rhs_shape[-2], g.shape[-1] // geometry.feature_group_count, path.removeprefix('gemm-'))
+
+    def run(x, g, scale, *, shard_index):  # this shard's part of the sum over the batch
+      del shard_index
+      x, g = (x[:, None], g[:, None]) if one_d else (x, g)
+      if cfg is None:
+        dw = depthwise_wgrad.depthwise_wgrad(x, g, _as_2d(geometry), spatial, scale, interpret=interpret)
+      else:
+        dw = wgrad_kernel.conv_wgrad(x, g, _as_2d(geometry), spatial, scale, interpret=interpret, config=cfg)
+      return dw[0] if one_d else dw
+
+    return data_parallel.map_batch(run, (lhs, g), (jnp.asarray(scale, jnp.float32),), sum_outputs=True)
 
   def matmul(self, a, b, contract, scale):
     if a.ndim != 2 or b.ndim != 2:
       raise ValueError(f'matmul takes 2-D operands, got {a.shape} and {b.shape}')
-    a = a if contract[0] == 1 else a.T
-    b = b if contract[1] == 1 else b.T
-    return gemm.matmul_kmajor(a, b, scale, interpret=self._interpret())
+    interpret = self._interpret()
+
+    def run(a, b, scale, *, shard_index):
+      del shard_index
+      a = a if contract[0] == 1 else a.T
+      b = b if contract[1] == 1 else b.T
+      return gemm.matmul_kmajor(a, b, scale, interpret=interpret)
+
+    scale = jnp.asarray(scale, jnp.float32)
+    if contract[0] == 1:  # a's rows (the batch) split, b replicated
+      return data_parallel.map_batch(run, (a,), (b, scale))
+    if contract[1] == 0:  # both contracted over their first axis, the batch: a sum over the shards
+      return data_parallel.map_batch(run, (a, b), (scale,), sum_outputs=True)
+    return run(a, b, scale, shard_index=0)
 
 
 def _vendor_conv(lhs, rhs, geometry: backend.ConvGeometry, scale):

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 
 from jint8 import quant
 from jint8.pallas import common
+from jint8.pallas import data_parallel
 
 MAX_PROGRAMS = 1024
 
@@ -71,10 +72,21 @@ def _pass(pid, g_ref, inv_amax_ref, inv_rel_ref, *out_refs, n, sub, steps, num_c
 
 
 def _launch(enabled, g, inv_amax, inv_rel, *, num_clips, sub, interpret):
+  """The per-program partials of one pass over ``g`` (over each device's batch shard under data parallelism:
+  the partials of all shards together are those of a differently chunked pass)."""
+  if g.size >= 2 ** 31:
+    raise ValueError(f'the Pallas clip search indexes with int32; {g.size} elements is too many')
+
+  def run(g, enabled, inv_amax, inv_rel, *, shard_index):
+    del shard_index  # the sums do not depend on where a chunk lies
+    return _launch_local(enabled, g, inv_amax, inv_rel, num_clips=num_clips, sub=sub, interpret=interpret)
+
+  return data_parallel.map_batch(run, (g,), (jnp.asarray(enabled, jnp.int32).reshape(1), inv_amax, inv_rel))
+
+
+def _launch_local(enabled, g, inv_amax, inv_rel, *, num_clips, sub, interpret):
   g = g.reshape(-1)
   n = g.size
-  if n >= 2 ** 31:
-    raise ValueError(f'the Pallas clip search indexes with int32; {n} elements is too many')
   sub = min(sub, common.pow2_block(n, 16, sub))
   steps = common.cdiv(common.cdiv(n, sub), MAX_PROGRAMS)
   programs = common.cdiv(n, sub * steps)
@@ -86,7 +98,7 @@ def _launch(enabled, g, inv_amax, inv_rel, *, num_clips, sub, interpret):
   kernel = functools.partial(_kernel, n=n, sub=sub, steps=steps, num_clips=num_clips, interpret=interpret)
   return common.call(kernel, out_shape=out_shape, grid=(programs,), interpret=interpret, num_warps=4,
                      num_stages=2, name='jint8_clip_scores')(
-                         jnp.asarray(enabled, jnp.int32).reshape(1), g, inv_amax.reshape(1), inv_rel)
+                         enabled, g, inv_amax.reshape(1), inv_rel)
 
 
 def abs_max(g: jax.Array, *, interpret: bool, enabled: jax.Array | bool = True, sub: int = 2048):

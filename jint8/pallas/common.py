@@ -116,13 +116,16 @@ def round_half_even(v: jax.Array, *, interpret: bool) -> jax.Array:
   return r
 
 
+WEYL = 0x9E3779B9  # the golden-ratio increment of ``uniform``'s Weyl step: seed0 + k * WEYL shifts indices by k
+
+
 def uniform(index: jax.Array, seed0: jax.Array, seed1: jax.Array) -> jax.Array:
   """Counter-based uniform floats in [0, 1) (24 random bits) for element ``index`` under a 64-bit seed.
 
   A Weyl step of the index offset by one seed word, then a two-multiply xor-shift finalizer (the other seed
   word xored in between): a few integer operations per element, decorrelated across neighbours and seeds.
   """
-  h = index.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + seed0
+  h = index.astype(jnp.uint32) * jnp.uint32(WEYL) + seed0
   h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
   h = (h * jnp.uint32(0x21F0AAAD)) ^ seed1
   h = h ^ lax.shift_right_logical(h, jnp.uint32(15))

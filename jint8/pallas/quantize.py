@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 
 from jint8 import quant
 from jint8.pallas import common
+from jint8.pallas import data_parallel
 
 BLOCK = 4096
 
@@ -68,29 +69,36 @@ def quantize(x: jax.Array, clip: jax.Array, seeds: jax.Array | None = None, *, w
     block: elements per program (a power of two); chosen from the size when ``None``.
 
   Returns:
-    The int8 array of ``x``'s shape, and with ``with_stats`` its ``QuantizeStats``.
+    The int8 array of ``x``'s shape, and with ``with_stats`` its ``QuantizeStats``. Under data parallelism
+    (``data_parallel``) each device quantizes its batch shard; the rounding is the same as on one device.
   """
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f'quantize expects a floating-point array, got {x.dtype}')
-  n = x.size
-  if n >= 2 ** 31:
-    raise ValueError(f'the Pallas quantizer indexes with int32; {n} elements is too many')
-  block = block or common.pow2_block(n, 128, BLOCK)
-  num_blocks = common.cdiv(n, block)
+  if x.size >= 2 ** 31:
+    raise ValueError(f'the Pallas quantizer indexes with int32; {x.size} elements is too many')
   inv_clip = (1.0 / quant.safe_clip(clip)).reshape(1)
   stochastic = seeds is not None
   seeds = jnp.zeros((2,), jnp.uint32) if seeds is None else jnp.asarray(seeds, jnp.uint32).reshape(2)
-  out_shape = [jax.ShapeDtypeStruct((n,), jnp.int8)]
-  if with_stats:
-    out_shape += [jax.ShapeDtypeStruct((num_blocks,), jnp.float32)] * 4
-  kernel = functools.partial(_kernel, n=n, block=block, stochastic=stochastic, interpret=interpret)
-  outs = common.call(kernel, out_shape=tuple(out_shape), grid=(num_blocks,), interpret=interpret,
-                     num_warps=8 if block >= 2048 else 4, num_stages=1, name='jint8_quantize')(
-                         x.reshape(-1), inv_clip, seeds)
-  q = outs[0].reshape(x.shape)
+
+  def run(x, inv_clip, seeds, *, shard_index):
+    n = x.size
+    size = block or common.pow2_block(n, 128, BLOCK)
+    num_blocks = common.cdiv(n, size)
+    # Stochastic rounding hashes each element's index in the whole tensor: shard i starts at i * n.
+    seeds = seeds.at[0].add(jnp.asarray(shard_index, jnp.uint32) * jnp.uint32(n) * jnp.uint32(common.WEYL))
+    out_shape = [jax.ShapeDtypeStruct((n,), jnp.int8)]
+    if with_stats:
+      out_shape += [jax.ShapeDtypeStruct((num_blocks,), jnp.float32)] * 4
+    kernel = functools.partial(_kernel, n=n, block=size, stochastic=stochastic, interpret=interpret)
+    outs = common.call(kernel, out_shape=tuple(out_shape), grid=(num_blocks,), interpret=interpret,
+                       num_warps=8 if size >= 2048 else 4, num_stages=1, name='jint8_quantize')(
+                           x.reshape(-1), inv_clip, seeds)
+    return (outs[0].reshape(x.shape),) + tuple(outs[1:])
+
+  outs = data_parallel.map_batch(run, (x,), (inv_clip, seeds))
   if not with_stats:
-    return q
-  return q, combine_stats(*outs[1:])
+    return outs[0]
+  return outs[0], combine_stats(*outs[1:])
 
 
 def combine_stats(block_max, xx, xq, qq) -> QuantizeStats:
