@@ -304,6 +304,16 @@ def format_record(step: int, num_steps: int, split: str, record: dict[str, Any])
   return f'step {step}/{num_steps} {split}: ' + ', '.join(parts)
 
 
+def run_length(config: Any, num_examples: int) -> tuple[int, int]:
+  """``(steps per epoch, steps of the run)`` for ``num_examples`` training examples (the last partial batch of
+  an epoch is dropped); a batch larger than the training set is an error naming ``config.batch_size``."""
+  steps_per_epoch = num_examples // config.batch_size
+  if not steps_per_epoch:
+    raise ValueError(f'config.batch_size={config.batch_size} is larger than the training set ({num_examples} '
+                     'examples)')
+  return steps_per_epoch, config.num_train_steps or config.num_epochs * steps_per_epoch
+
+
 def restore_or_initialize(workdir: pathlib.Path, config: Any, init_args: tuple, is_main: bool):
   """The run's checkpointer and the state to start from: the latest readable checkpoint in ``workdir``, else a
   new state from ``initial_state(*init_args)``. Writes ``config.json`` and says which it is.
@@ -396,11 +406,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
     sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
 
     dataset = input_pipeline.create_dataset(config.dataset, sharding.replicated(mesh))
-    steps_per_epoch = dataset.train.num_examples // config.batch_size
-    if not steps_per_epoch:
-      raise ValueError(f'config.batch_size={config.batch_size} is larger than the training set '
-                       f'({dataset.train.num_examples} examples)')
-    num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+    steps_per_epoch, num_steps = run_length(config, dataset.train.num_examples)
     schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
                                                  steps_per_epoch=steps_per_epoch, num_steps=num_steps)
     tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, schedule), config)

@@ -213,6 +213,13 @@ def test_invalid_int8_and_model_settings_name_the_key():
     trainer.create_model(config, 10)
 
 
+def test_run_length_in_steps_and_a_batch_larger_than_the_data():
+  assert trainer.run_length(_config(batch_size=32, num_train_steps=0, num_epochs=3), 100) == (3, 9)
+  assert trainer.run_length(_config(batch_size=32, num_train_steps=7), 100) == (3, 7)
+  with pytest.raises(ValueError, match=r'config.batch_size=128 is larger than the training set \(100 examples\)'):
+    trainer.run_length(_config(batch_size=128), 100)
+
+
 def test_precision_is_described_with_the_backend_that_runs():
   config = _config()
   assert precision.describe(config) == ('int8 (xla backend, DSGC every 4 steps, DCLR alpha 20 beta 0.1, '

@@ -23,8 +23,8 @@ from flax import linen as nn
 from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
-from jint8.trainer import (TrainState, format_record, gradient_step, multi_step, restore_or_initialize, train_loop,
-                           with_layer_stats)
+from jint8.trainer import (TrainState, format_record, gradient_step, multi_step, restore_or_initialize,
+                           run_length, train_loop, with_layer_stats)
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -209,11 +209,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
                                  sharding.replicated(mesh), max_examples=d.max_train_examples)
     evaluation, ground_truth = data.create_split(builder.as_data_source(d.eval_split), image_size, d.max_boxes,
                                                  sharding.replicated(mesh), max_examples=d.max_test_examples)
-    steps_per_epoch = train.num_examples // config.batch_size
-    if not steps_per_epoch:
-      raise ValueError(f'config.batch_size={config.batch_size} is larger than the training split '
-                       f'({train.num_examples} images)')
-    num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+    steps_per_epoch, num_steps = run_length(config, train.num_examples)
     schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
                                                  steps_per_epoch=steps_per_epoch, num_steps=num_steps)
     inner = optimizers.create_optimizer(config.optimizer, schedule)
