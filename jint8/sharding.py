@@ -29,6 +29,14 @@ def data_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
+def training_mesh(config) -> Mesh:
+  """``data_mesh()`` after checking that ``config.batch_size`` and ``config.eval_batch_size`` split evenly."""
+  mesh = data_mesh()
+  check_batch_size(config.batch_size, mesh, 'config.batch_size')
+  check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
+  return mesh
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array (params, optimizer state, the in-memory dataset)."""
   return NamedSharding(mesh, PartitionSpec())

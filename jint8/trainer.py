@@ -400,10 +400,8 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
   validate_config(config)
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
-  mesh = sharding.data_mesh()
+  mesh = sharding.training_mesh(config)
   with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
-    sharding.check_batch_size(config.batch_size, mesh, 'config.batch_size')
-    sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
 
     dataset = input_pipeline.create_dataset(config.dataset, sharding.replicated(mesh))
     steps_per_epoch, num_steps = run_length(config, dataset.train.num_examples)

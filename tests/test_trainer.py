@@ -213,6 +213,12 @@ def test_invalid_int8_and_model_settings_name_the_key():
     trainer.create_model(config, 10)
 
 
+def test_training_mesh_checks_the_batch_sizes():
+  assert sharding.training_mesh(_config()).size == jax.device_count()
+  with pytest.raises(ValueError, match=r'config.eval_batch_size=0 must be a positive multiple'):
+    sharding.training_mesh(_config(eval_batch_size=0))
+
+
 def test_run_length_in_steps_and_a_batch_larger_than_the_data():
   assert trainer.run_length(_config(batch_size=32, num_train_steps=0, num_epochs=3), 100) == (3, 9)
   assert trainer.run_length(_config(batch_size=32, num_train_steps=7), 100) == (3, 7)

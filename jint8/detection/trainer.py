@@ -197,10 +197,8 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
   validate_config(config)
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
-  mesh = sharding.data_mesh()
+  mesh = sharding.training_mesh(config)
   with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
-    sharding.check_batch_size(config.batch_size, mesh, 'config.batch_size')
-    sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
 
     d = config.dataset
     builder = voc.builder(data_dir=d.data_dir or None, archive=d.archive or None)
