@@ -35,16 +35,15 @@ def training_seconds(train_records: list[dict[str, Any]], batch_size: int) -> fl
   return seconds
 
 
-def summarize_run(workdir: pathlib.Path, metric: str) -> dict[str, Any]:
+def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | None) -> dict[str, Any]:
   """The final and best test ``metric``, the steps, the minutes of training (``None`` without the run's
-  ``config.json``), the non-finite gradient events and the largest per-layer gradient deviation of the run in
+  ``config``), the non-finite gradient events and the largest per-layer gradient deviation of the run in
   ``workdir``."""
   records = metrics.read_records(workdir)
   tests = [r for r in records if r['split'] == 'test' and metric in r]
   if not tests:
     raise ValueError(f'{workdir}: no test record with {metric!r} in {workdir / metrics.METRICS_FILE}')
   train = [r for r in records if r['split'] == 'train']
-  config = _config(workdir)
   minutes = None if config is None else training_seconds(train, config['batch_size']) / 60
   return {'run': workdir.name, 'steps': tests[-1]['step'], 'final': tests[-1][metric],
           'best': max(r[metric] for r in tests), 'train_minutes': minutes,
@@ -52,14 +51,12 @@ def summarize_run(workdir: pathlib.Path, metric: str) -> dict[str, Any]:
           'max_deviation': max((r.get('grad_deviation_max', 0.0) for r in train), default=0.0)}
 
 
-def group_key(workdir: pathlib.Path) -> str:
-  """The run's config without its seed (runs that differ only in seed share it); the run's name if it has no
-  ``config.json``."""
-  config = _config(workdir)
+def group_key(name: str, config: dict[str, Any] | None) -> str:
+  """The run's config without its seed (runs that differ only in seed share it); the run's ``name`` if it has
+  no config."""
   if config is None:
-    return workdir.name
-  config.pop('seed', None)
-  return json.dumps(config, sort_keys=True)
+    return name
+  return json.dumps({k: v for k, v in config.items() if k != 'seed'}, sort_keys=True)
 
 
 def table(workdirs: list[pathlib.Path], metric: str) -> str:
@@ -68,8 +65,9 @@ def table(workdirs: list[pathlib.Path], metric: str) -> str:
           '|---|---|---|---|---|---|---|']
   groups: dict[str, list[dict[str, Any]]] = {}
   for workdir in workdirs:
-    run = summarize_run(workdir, metric)
-    groups.setdefault(group_key(workdir), []).append(run)
+    config = _config(workdir)
+    run = summarize_run(workdir, metric, config)
+    groups.setdefault(group_key(workdir.name, config), []).append(run)
     minutes = '-' if run['train_minutes'] is None else f"{run['train_minutes']:.1f}"
     rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {minutes} "
                 f"| {run['nonfinite']} | {run['max_deviation']:.4f} |")

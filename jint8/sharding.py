@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jint8.backend import DATA_AXIS  # pylint: disable=unused-import  (re-exported: the mesh axis name)
+from jint8.backend import DATA_AXIS
 
 # Set to 1 (or pass --multihost to train.py) to call jax.distributed.initialize() before anything else.
 MULTIHOST_ENV = 'JINT8_MULTIHOST'

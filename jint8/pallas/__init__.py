@@ -151,8 +151,7 @@ class PallasBackend:
     one_d, interpret = geometry.ndim == 1, self._interpret()
     kernel = depthwise.depthwise_forward if path == 'depthwise' else conv_kernel.conv_forward
 
-    def run(x, w, scale, *, shard_index):
-      del shard_index
+    def run(x, w, scale):
       y = kernel(x[:, None] if one_d else x, w[None] if one_d else w, _as_2d(geometry), scale,
                  interpret=interpret, out_dtype=out_dtype)
       return y[:, 0] if one_d else y
@@ -170,8 +169,7 @@ class PallasBackend:
     one_d, interpret = geometry.ndim == 1, self._interpret()
     kernel = depthwise.depthwise_dgrad if path == 'depthwise' else conv_kernel.conv_dgrad
 
-    def run(g, w, scale, *, shard_index):
-      del shard_index
+    def run(g, w, scale):
       dx = kernel(g[:, None] if one_d else g, w[None] if one_d else w, _as_2d(geometry),
                   (1, *in_spatial) if one_d else tuple(in_spatial), scale, interpret=interpret,
                   out_dtype=out_dtype)
@@ -190,8 +188,7 @@ class PallasBackend:
     cfg = None if path == 'depthwise' else wgrad_kernel.pick_config(
         rhs_shape[-2], g.shape[-1] // geometry.feature_group_count, path.removeprefix('gemm-'))
 
-    def run(x, g, scale, *, shard_index):  # this shard's part of the sum over the batch
-      del shard_index
+    def run(x, g, scale):  # this shard's part of the sum over the batch
       x, g = (x[:, None], g[:, None]) if one_d else (x, g)
       if cfg is None:
         dw = depthwise_wgrad.depthwise_wgrad(x, g, _as_2d(geometry), spatial, scale, interpret=interpret)
@@ -206,8 +203,7 @@ class PallasBackend:
       raise ValueError(f'matmul takes 2-D operands, got {a.shape} and {b.shape}')
     interpret = self._interpret()
 
-    def run(a, b, scale, *, shard_index):
-      del shard_index
+    def run(a, b, scale):
       a = a if contract[0] == 1 else a.T
       b = b if contract[1] == 1 else b.T
       return gemm.matmul_kmajor(a, b, scale, interpret=interpret)
@@ -217,7 +213,7 @@ class PallasBackend:
       return data_parallel.map_batch(run, (a,), (b, scale))
     if contract[1] == 0:  # both contracted over their first axis, the batch: a sum over the shards
       return data_parallel.map_batch(run, (a, b), (scale,), sum_outputs=True)
-    return run(a, b, scale, shard_index=0)
+    return run(a, b, scale)
 
 
 def _vendor_conv(lhs, rhs, geometry: backend.ConvGeometry, scale):

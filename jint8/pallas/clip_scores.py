@@ -77,8 +77,7 @@ def _launch(enabled, g, inv_amax, inv_rel, *, num_clips, sub, interpret):
   if g.size >= 2 ** 31:
     raise ValueError(f'the Pallas clip search indexes with int32; {g.size} elements is too many')
 
-  def run(g, enabled, inv_amax, inv_rel, *, shard_index):
-    del shard_index  # the sums do not depend on where a chunk lies
+  def run(g, enabled, inv_amax, inv_rel):
     return _launch_local(enabled, g, inv_amax, inv_rel, num_clips=num_clips, sub=sub, interpret=interpret)
 
   return data_parallel.map_batch(run, (g,), (jnp.asarray(enabled, jnp.int32).reshape(1), inv_amax, inv_rel))

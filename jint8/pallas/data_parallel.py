@@ -30,18 +30,20 @@ def shards(leading: int) -> int:
   return size if size > 1 and leading % size == 0 else 1
 
 
-def map_batch(fn: Callable, batched: tuple, replicated: tuple = (), *, sum_outputs: bool = False):
-  """``fn(*batched, *replicated, shard_index=i)`` on each device's shard of the ``batched`` arrays.
+def map_batch(fn: Callable, batched: tuple, replicated: tuple = (), *, sum_outputs: bool = False,
+              with_shard_index: bool = False):
+  """``fn(*batched, *replicated)`` on each device's shard of the ``batched`` arrays.
 
-  Without a data-parallel mesh (``shards`` is 1) it is ``fn`` on the whole arrays with ``shard_index=0``.
-  Otherwise every output is batch-leading (shards concatenated along the first axis) or, with
-  ``sum_outputs``, summed over the devices.
+  Without a data-parallel mesh (``shards`` is 1) it is ``fn`` on the whole arrays. Otherwise every output is
+  batch-leading (shards concatenated along the first axis) or, with ``sum_outputs``, summed over the devices.
+  ``with_shard_index`` also passes ``shard_index``, the device's position along the batch (0 on one device).
   """
+  index = {'shard_index': 0} if with_shard_index else {}
   if shards(batched[0].shape[0] if batched[0].ndim else 1) == 1:
-    return fn(*batched, *replicated, shard_index=0)
+    return fn(*batched, *replicated, **index)
 
   def local(*args):
-    out = fn(*args, shard_index=lax.axis_index(DATA_AXIS))
+    out = fn(*args, **({'shard_index': lax.axis_index(DATA_AXIS)} if with_shard_index else {}))
     return jax.tree.map(lambda x: lax.psum(x, DATA_AXIS), out) if sum_outputs else out
 
   specs = (PartitionSpec(DATA_AXIS),) * len(batched) + (PartitionSpec(),) * len(replicated)

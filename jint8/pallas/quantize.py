@@ -95,7 +95,7 @@ def quantize(x: jax.Array, clip: jax.Array, seeds: jax.Array | None = None, *, w
                            x.reshape(-1), inv_clip, seeds)
     return (outs[0].reshape(x.shape),) + tuple(outs[1:])
 
-  outs = data_parallel.map_batch(run, (x,), (inv_clip, seeds))
+  outs = data_parallel.map_batch(run, (x,), (inv_clip, seeds), with_shard_index=True)
   if not with_stats:
     return outs[0]
   return outs[0], combine_stats(*outs[1:])
