@@ -356,7 +356,7 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
     stop = min([(step // every + 1) * every for every in (log_every, eval_every, checkpoint_every)]
                + [num_steps, step + steps_per_epoch - index])
     state, record = loop.train_steps(state, dataset, order, np.int32(index), np.int32(stop - step))
-    pending.append(record)
+    pending.append(jax.block_until_ready(record))  # the bar counts finished steps: a true rate and ETA
     bar.update(stop - step)
     index, interval_steps, step = index + stop - step, interval_steps + stop - step, stop
     if index == steps_per_epoch:
