@@ -1,11 +1,12 @@
-"""Compares finished runs: a table of final test metrics (with mean and spread over seeds, minutes of training)
+"""Compares finished runs: a table of final evaluation metrics (with mean and spread over seeds, minutes of training)
 and a PNG of curves.
 
   python -m jint8.compare runs/resnet20-fp32-s0 runs/resnet20-fp32-s1 runs/resnet20-int8-s0 ... \\
       [--metric accuracy] [--plot compare.png]
 
-Runs whose ``config.json`` differ only in ``seed`` form a group; the group line gives the mean and the
-standard deviation (ddof 1) of the final test metric.
+Runs whose ``config.json`` differ only in ``seed`` form a group (keys that only some runs have, written by a
+newer jint8, are not compared); the group line gives the mean and the standard deviation (ddof 1) of the final
+evaluation metric (the test split for CIFAR, the validation split for detection).
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ def training_seconds(train_records: list[dict[str, Any]], batch_size: int) -> fl
 
 
 def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | None) -> dict[str, Any]:
-  """The final and best test ``metric``, the steps, the minutes of training (``None`` without the run's
+  """The final and best evaluated ``metric``, the steps, the minutes of training (``None`` without the run's
   ``config``), the non-finite gradient events and the largest per-layer gradient deviation of the run in
   ``workdir``."""
   records = metrics.read_records(workdir)
-  tests = [r for r in records if r['split'] == 'test' and metric in r]
+  tests = metrics.evaluation_records(records, metric)
   if not tests:
-    raise ValueError(f'{workdir}: no test record with {metric!r} in {workdir / metrics.METRICS_FILE}')
+    raise ValueError(f'{workdir}: no evaluation record with {metric!r} in {workdir / metrics.METRICS_FILE}')
   train = [r for r in records if r['split'] == 'train']
   minutes = None if config is None else training_seconds(train, config['batch_size']) / 60
   return {'run': workdir.name, 'steps': tests[-1]['step'], 'final': tests[-1][metric],
@@ -51,27 +52,42 @@ def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | N
           'max_deviation': max((r.get('grad_deviation_max', 0.0) for r in train), default=0.0)}
 
 
-def group_key(name: str, config: dict[str, Any] | None) -> str:
-  """The run's config without its seed (runs that differ only in seed share it); the run's ``name`` if it has
-  no config."""
-  if config is None:
-    return name
-  return json.dumps({k: v for k, v in config.items() if k != 'seed'}, sort_keys=True)
+def _flatten(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+  """Whether two runs' configs agree on every key both have, the seed aside (a key only one has is one that an
+  older jint8 did not write yet; it kept that key's default behaviour)."""
+  if a is None or b is None:
+    return False
+  a, b = _flatten(a), _flatten(b)
+  return all(a[k] == b[k] for k in a.keys() & b.keys() if k != 'seed')
 
 
 def table(workdirs: list[pathlib.Path], metric: str) -> str:
   """A Markdown table: a row per run, then a row per group of two or more seeds (mean +- std)."""
   rows = [f'| run | steps | final {metric} | best | train minutes | non-finite | max deviation |',
           '|---|---|---|---|---|---|---|']
-  groups: dict[str, list[dict[str, Any]]] = {}
+  groups: list[tuple[dict[str, Any] | None, list[dict[str, Any]]]] = []
   for workdir in workdirs:
     config = _config(workdir)
     run = summarize_run(workdir, metric, config)
-    groups.setdefault(group_key(workdir.name, config), []).append(run)
+    group = next((runs for first, runs in groups if same_recipe(first, config)), None)
+    if group is None:
+      groups.append((config, [run]))
+    else:
+      group.append(run)
     minutes = '-' if run['train_minutes'] is None else f"{run['train_minutes']:.1f}"
     rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {minutes} "
                 f"| {run['nonfinite']} | {run['max_deviation']:.4f} |")
-  for runs in groups.values():
+  for _, runs in groups:
     if len(runs) > 1:
       finals = [r['final'] for r in runs]
       rows.append(f"| mean of {', '.join(r['run'] for r in runs)} | | {statistics.mean(finals):.4f} "
@@ -82,7 +98,7 @@ def table(workdirs: list[pathlib.Path], metric: str) -> str:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('workdirs', nargs='+', type=pathlib.Path, help='run folders holding metrics.jsonl')
-  parser.add_argument('--metric', default='accuracy', help="test metric to compare ('mAP50' for detection)")
+  parser.add_argument('--metric', default='accuracy', help="evaluation metric to compare ('mAP50' for detection)")
   parser.add_argument('--plot', type=pathlib.Path, help='write a PNG of the curves here')
   args = parser.parse_args(argv)
   try:

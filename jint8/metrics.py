@@ -81,6 +81,12 @@ class MetricWriter:
       self._tensorboard = None
 
 
+def evaluation_records(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+  """The records of a run's evaluations (any split but ``train``: ``test`` for CIFAR, ``val`` for BCCD) that
+  hold ``metric``."""
+  return [r for r in records if r['split'] != 'train' and metric in r]
+
+
 def _series(records, split: str, name: str) -> tuple[list[int], list[float]]:
   points = [(r['step'], r[name]) for r in records if r['split'] == split and name in r]
   return [s for s, _ in points], [v for _, v in points]
@@ -112,6 +118,9 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
   plt.close(fig)
 
 
+MAX_LEGEND_LAYERS = 20  # plot_layers names up to this many layers in a legend
+
+
 def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
                 stats: tuple[str, ...] = ('grad_deviation', 'grad_clip')) -> bool:
   """One PNG with a panel per statistic in ``stats``, a line per layer over training.
@@ -125,8 +134,9 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   layers = list(dict.fromkeys(name for r in records for name in r['layers']))
-  colors = plt.get_cmap('viridis')(np.linspace(0, 1, len(layers)))
-  fig, axes = plt.subplots(1, len(stats), figsize=(7 * len(stats), 4.5), squeeze=False)
+  cmap = plt.get_cmap('viridis')
+  colors = cmap(np.linspace(0, 1, len(layers)))
+  fig, axes = plt.subplots(1, len(stats), figsize=(7 * len(stats), 4.5), squeeze=False, constrained_layout=True)
   for ax, stat in zip(axes[0], stats):
     for color, layer in zip(colors, layers):
       points = [(r['step'], r['layers'][layer][stat]) for r in records
@@ -138,9 +148,12 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
     if stat == 'grad_clip':
       ax.set_yscale('log')
     ax.grid(alpha=0.3)
-  handles, labels = axes[0, 0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc='center right', fontsize='x-small', ncol=1 + len(layers) // 40)
-  fig.tight_layout(rect=(0, 0, 0.8, 1))
+  if len(layers) <= MAX_LEGEND_LAYERS:
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='outside right center', fontsize='x-small')
+  else:  # a legend of dozens of names would cover the panels: a colour bar of the layer index instead
+    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, len(layers) - 1), cmap)
+    fig.colorbar(mappable, ax=axes[0].tolist(), label=f'layer index of {len(layers)}, in the order they were logged')
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return True
@@ -148,7 +161,7 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
 
 def plot_comparison(runs: Mapping[str, list[dict[str, Any]]], path: str | os.PathLike,
                     metric: str = 'accuracy') -> None:
-  """One PNG comparing runs: test ``metric`` and train ``loss`` over epochs (steps when a run logs no epoch),
+  """One PNG comparing runs: the evaluated ``metric`` and train ``loss`` over epochs (steps when a run logs no epoch),
   a line per run."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -157,10 +170,12 @@ def plot_comparison(runs: Mapping[str, list[dict[str, Any]]], path: str | os.Pat
   for name, records in runs.items():
     with_epoch = [r for r in records if r.get('epoch')]
     epochs_per_step = with_epoch[-1]['epoch'] / with_epoch[-1]['step'] if with_epoch else 1.0
-    for ax, (split, key) in zip(axes, (('test', metric), ('train', 'loss'))):
-      steps, values = _series(records, split, key)
+    evaluations = evaluation_records(records, metric)
+    curves = (([r['step'] for r in evaluations], [r[metric] for r in evaluations]),
+              _series(records, 'train', 'loss'))
+    for ax, (steps, values) in zip(axes, curves):
       ax.plot([s * epochs_per_step for s in steps], values, label=name, linewidth=1)
-  for ax, title in zip(axes, (f'test {metric}', 'train loss')):
+  for ax, title in zip(axes, (f'evaluation {metric}', 'train loss')):
     ax.set_title(title)
     ax.set_xlabel('epoch')
     ax.grid(alpha=0.3)

@@ -41,7 +41,33 @@ def test_table_reports_each_run_and_the_seed_mean(tmp_path, rng):
 
 def test_a_run_without_the_metric_is_named(tmp_path, rng):
   _write_run(tmp_path / 'run', rng.uniform(size=2), rng.uniform(size=2), seed=0)
-  with pytest.raises(ValueError, match=r"run: no test record with 'mAP50'"):
+  with pytest.raises(ValueError, match=r"run: no evaluation record with 'mAP50'"):
     compare.table([tmp_path / 'run'], 'mAP50')
-  with pytest.raises(SystemExit, match='no test record'):
+  with pytest.raises(SystemExit, match='no evaluation record'):
     compare.main([str(tmp_path / 'missing')])
+
+
+def test_detection_runs_are_compared_on_their_validation_split(tmp_path, rng):
+  maps = {}
+  for name, precision in (('det-fp32', 'fp32'), ('det-int8', 'int8')):
+    maps[name] = rng.uniform(0.3, 0.9, size=3)
+    writer = metrics.MetricWriter(tmp_path / name)
+    for i, value in enumerate(maps[name]):
+      writer.write(12 * (i + 1), 'train', {'loss': rng.uniform(0.5, 2.0), 'epoch': i + 1.0, 'images_per_second': 8.0})
+      writer.write(12 * (i + 1), 'val', {'mAP50': value, 'mAP': value / 2})
+    writer.close()
+    (tmp_path / name / 'config.json').write_text(json.dumps({'precision': precision, 'seed': 0, 'batch_size': 4}))
+  text = compare.table([tmp_path / n for n in maps], 'mAP50')
+  for name, values in maps.items():
+    assert f'| {name} | 36 | {values[-1]:.4f} | {values.max():.4f} | 0.3 | 0 |' in text
+  compare.main([str(tmp_path / n) for n in maps] + ['--metric', 'mAP50', '--plot', str(tmp_path / 'det.png')])
+  assert (tmp_path / 'det.png').stat().st_size > 0
+
+
+def test_runs_group_on_the_config_keys_they_share():
+  old = {'precision': 'int8', 'seed': 0, 'int8': {'period': 100}}
+  new = {'precision': 'int8', 'seed': 1, 'int8': {'period': 100, 'compute_dtype': 'float32'}}
+  assert compare.same_recipe(old, new)  # a key an older jint8 did not write is not compared
+  assert not compare.same_recipe(old, {**new, 'int8': {'period': 1, 'compute_dtype': 'float32'}})
+  assert not compare.same_recipe(old, {**new, 'precision': 'fp32'})
+  assert not compare.same_recipe(old, None)
