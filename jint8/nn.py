@@ -27,7 +27,7 @@ from jint8.ops import Int8Config, QuantState
 STATE_COLLECTION = 'int8_state'
 
 __all__ = ['STATE_COLLECTION', 'Int8Config', 'Int8ConvGeneralDilated', 'Int8DotGeneral', 'Int8Model',
-           'Int8Policy', 'layer_stats']
+           'Int8Policy', 'layer_order', 'layer_stats']
 
 
 class _Int8Op(nn.Module):
@@ -139,6 +139,22 @@ class Int8Model(nn.Module):
 
     with nn.intercept_methods(interceptor):
       return self.model(*args, **kwargs)
+
+
+def layer_order(model: nn.Module, rngs, *args, **kwargs) -> list[str]:
+  """The int8 layers of ``model``, named as ``layer_stats`` names them, in the order ``model.init(rngs, *args,
+  **kwargs)`` calls them: the network's depth order (``layer_stats`` follows the state's sorted keys, where
+  ``Block_10`` comes before ``Block_2``). Traces the model once, runs nothing."""
+  order: dict[str, None] = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, _Int8Op):
+      order.setdefault('/'.join(context.module.path[:-1]), None)  # a shared layer keeps its first place
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(model.init, rngs, *args, **kwargs))
+  return list(order)
 
 
 def layer_stats(int8_state) -> dict[str, dict[str, jax.Array]]:

@@ -14,6 +14,7 @@ import importlib
 import json
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import flax.serialization
@@ -25,7 +26,7 @@ import optax
 from flax import linen as nn
 
 from jint8 import checkpointing, input_pipeline, metrics, models, optimizers, precision, progress, sharding
-from jint8.nn import STATE_COLLECTION, layer_stats
+from jint8.nn import STATE_COLLECTION, layer_order, layer_stats
 
 # Streams of randomness derived from config.seed with jax.random.fold_in.
 _INIT, _ORDER, _AUGMENT, _DROPOUT = range(4)
@@ -96,6 +97,14 @@ def create_model(config: Any, num_classes: int) -> nn.Module:
     return factory(**kwargs)
   except TypeError as e:
     raise ValueError(f'config.model_kwargs: {e}') from None
+
+
+def int8_layer_order(model: nn.Module, image_shape: tuple[int, ...]) -> list[str]:
+  """The int8 layers of ``model`` in depth order (``jint8.nn.layer_order``), the model called as ``_init_fn``
+  calls it; the per-layer metrics are logged in this order."""
+  rng = jax.random.PRNGKey(0)
+  return layer_order(model, {'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape), jnp.float32),
+                     train=False)
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], seed: int):
@@ -240,18 +249,21 @@ def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]]):
   return run
 
 
-def summarize_train(records: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
+def summarize_train(records: list[dict[str, Any]],
+                    layer_order: Sequence[str] = ()) -> tuple[dict[str, float], dict[str, dict]]:
   """The mean of each scalar over the steps of ``records`` (``multi_step``'s results since the last log) and,
-  for int8, per layer the mean ``grad_deviation``, the last ``grad_clip`` and ``input_clip``, the ``nonfinite``
-  count; over all layers ``grad_deviation_mean`` / ``_max`` and ``nonfinite``."""
+  for int8, per layer (in ``layer_order``, then the others by name) the mean ``grad_deviation``, the last
+  ``grad_clip`` and ``input_clip``, the ``nonfinite`` count; over all layers ``grad_deviation_mean`` / ``_max``
+  and ``nonfinite``."""
   total = jax.device_get(functools.reduce(combine_records, records))
   steps = int(total['steps'])
   scalars = {k: float(v) / steps for k, v in total.items() if k not in ('steps', 'layers')}
   if 'layers' not in total:
     return scalars, {}
+  names = [n for n in layer_order if n in total['layers']] + sorted(total['layers'].keys() - set(layer_order))
   layers = {name: {'grad_deviation': float(s['grad_deviation']) / steps, 'grad_clip': float(s['grad_clip']),
                    'input_clip': float(s['input_clip']), 'nonfinite': int(s['nonfinite'])}
-            for name, s in total['layers'].items()}
+            for name, s in ((n, total['layers'][n]) for n in names)}
   scalars.update(grad_deviation_mean=float(np.mean([s['grad_deviation'] for s in layers.values()])),
                  grad_deviation_max=max(float(s['grad_deviation_max']) for s in total['layers'].values()),
                  nonfinite=sum(s['nonfinite'] for s in layers.values()))
@@ -337,10 +349,10 @@ def restore_or_initialize(workdir: pathlib.Path, config: Any, init_args: tuple, 
 
 def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
                config: Any, schedule, writer: metrics.MetricWriter, checkpointer, bar: progress.Progress,
-               evaluate, show: tuple[str, ...]):
+               evaluate, show: tuple[str, ...], layer_order: Sequence[str] = ()):
   """Runs ``loop.train_steps`` (``multi_step``) from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
 
-  Logs every ``config.log_every_steps``, calls ``evaluate(state, step)`` every ``config.eval_every_steps`` and
+  Logs every ``config.log_every_steps`` (per-layer statistics in ``layer_order``), calls ``evaluate(state, step)`` every ``config.eval_every_steps`` and
   saves a checkpoint every ``config.checkpoint_every_steps`` (0: once per epoch), all three also at the end;
   the steps between two of these events (or an epoch's end) run as one compiled loop. ``show`` names the
   logged scalars shown on the progress bar. Returns the state and the last ``evaluate`` result.
@@ -363,7 +375,7 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
       epoch, index = epoch + 1, 0
       order = loop.order(state, epoch)
     if step % log_every == 0 or step == num_steps:
-      scalars, layers = summarize_train(pending)  # waits for the steps to finish
+      scalars, layers = summarize_train(pending, layer_order)
       elapsed = time.perf_counter() - interval_start - paused
       scalars.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
                      images_per_second=interval_steps * config.batch_size / elapsed)
@@ -435,7 +447,9 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
 
     state, final = train_loop(state, loop, dataset, start=(step, epoch, index), num_steps=num_steps,
                               steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
-                              checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss', 'accuracy'))
+                              checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss', 'accuracy'),
+                              layer_order=int8_layer_order(model, dataset.image_shape) if config.precision == 'int8'
+                              else ())
     bar.close()
     final = {k: final[k] for k in ('loss', 'accuracy')}
     checkpointer.close()

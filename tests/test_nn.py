@@ -122,3 +122,30 @@ def test_layer_applied_three_times_counts_uses_and_sums_state(rng):
     values = [float(u[name]) for u in per_use]
     assert len(set(values)) == 3, name  # the three applications really differ
     np.testing.assert_allclose(float(got[name]), sum(values), rtol=1e-5)
+
+
+class DeepChain(nn.Module):
+  """Twelve convs called in depth order, then a shared conv applied twice, then a Dense: sorted names
+  (``Conv_10`` before ``Conv_2``, ``a_shared`` first) differ from the call order."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    for _ in range(12):
+      x = nn.relu(nn.Conv(4, (3, 3))(x))
+    shared = nn.Conv(4, (1, 1), name='a_shared')
+    x = shared(shared(x))
+    return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+def test_layer_order_is_the_call_order_and_names_the_layer_stats_keys(rng):
+  model = jnn.Int8Model(DeepChain(), policy=jnn.Int8Policy(keep_dense_float=False))
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  order = jnn.layer_order(model, key, x, train=False)
+  # the first conv stays float (the default policy); the shared conv is listed once, where it is first called
+  expected = [f'model/Conv_{i}' for i in range(1, 12)] + ['model/a_shared', 'model/Dense_0']
+  assert order == expected
+  # state that came out of a jitted function has sorted keys: the order is lost there
+  stats = jnn.layer_stats(jax.jit(model.init)(key, x)[jnn.STATE_COLLECTION])
+  assert list(stats) == sorted(expected) != expected

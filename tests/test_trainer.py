@@ -369,3 +369,12 @@ def test_fp32_state_round_trips_through_a_checkpoint(tmp_path):
   restored, position = trainer.from_checkpoint_tree(like, tree)
   assert step == 7 and position == (2, 3)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+def test_summarize_train_lists_layers_in_the_given_order(rng):
+  data = jnp.asarray(rng.uniform(0, 4, size=4), jnp.float32)
+  _, record = jax.jit(trainer.multi_step(_toy_step))(jnp.float32(0.0), data, jnp.arange(4, dtype=jnp.int32),
+                                                      np.int32(0), np.int32(4))
+  assert list(trainer.summarize_train([record])[1]) == ['a', 'b']  # no order given: by name
+  assert list(trainer.summarize_train([record], ['b', 'a'])[1]) == ['b', 'a']
+  assert list(trainer.summarize_train([record], ['b'])[1]) == ['b', 'a']  # unlisted layers follow, by name
