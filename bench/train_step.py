@@ -1,7 +1,10 @@
 """End-to-end train-step speed and memory: bf16 XLA against jint8 int8, in one run.
 
 Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8 int8 convs, DSGC search every ``period`` steps,
-DCLR) and ``int8-search`` (the DSGC search on every step). Synthetic data; SGD with momentum; BN in the
+DCLR), ``int8-search`` (the DSGC search on every step) and ``int8-stored`` (as ``int8``, with the activation clip
+searched every ``period`` steps and stored instead of a max-abs reduction per step: ``input_clip="stored"``).
+The table's header names ``XLA_FLAGS`` when set (e.g. command buffers for the Pallas kernels:
+``XLA_FLAGS=--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton``). Synthetic data; SGD with momentum; BN in the
 model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the ratio to bf16 and the
 compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON under ``--out``. With
 ``--profile`` it also traces 5 steps of each row and tabulates the device time by kernel category
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -31,14 +35,15 @@ from jint8 import models
 # model -> (image size, batch size, classes)
 SHAPES = {'resnet50': (224, 256, 1000), 'resnet18': (224, 256, 1000), 'resnet20': (32, 512, 10),
           'mobilenet_v2': (32, 512, 10)}
-MODES = ('bf16', 'int8', 'int8-search')
+MODES = ('bf16', 'int8', 'int8-search', 'int8-stored')
 
 
 def build_step(model_name: str, mode: str, backend: str, period: int):
   size, batch, classes = SHAPES[model_name]
   model = models.create_model(model_name, num_classes=classes, dtype=jnp.bfloat16)
   if mode != 'bf16':
-    model = jint8.nn.Int8Model(model, config=jint8.nn.Int8Config(backend=backend))
+    config = jint8.nn.Int8Config(backend=backend, input_clip='stored' if mode == 'int8-stored' else 'maxabs')
+    model = jint8.nn.Int8Model(model, config=config)
   inner = optax.sgd(0.1, momentum=0.9)
   tx = inner if mode == 'bf16' else jint8.optim.int8_optimizer(inner, period=1 if mode == 'int8-search'
                                                                else period)
@@ -140,7 +145,8 @@ def main():
 
   device = jax.devices()[0].device_kind
   header = (f'train step, {device}, JAX {jax.__version__}, backend {args.backend}, '
-            f'{datetime.date.today().isoformat()}, median of {args.steps} steps')
+            f'{datetime.date.today().isoformat()}, median of {args.steps} steps'
+            + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get('XLA_FLAGS') else ''))
   lines = [header, '', '| model | mode | batch | img/s | vs bf16 | step ms | peak memory GiB | vs bf16 |',
            '|---|---|---|---|---|---|---|---|']
   base = {r['model']: r for r in rows if r['mode'] == 'bf16' and 'error' not in r}
