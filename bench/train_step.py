@@ -4,9 +4,10 @@ Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8 int8 convs, DSG
 DCLR), ``int8-search`` (the DSGC search on every step) and ``int8-stored`` (as ``int8``, with the activation clip
 searched every ``period`` steps and stored instead of a max-abs reduction per step: ``input_clip="stored"``).
 The table's header names ``XLA_FLAGS`` when set (e.g. command buffers for the Pallas kernels:
-``XLA_FLAGS=--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton``). Synthetic data; SGD with momentum; BN in the
-model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the ratio to bf16 and the
-compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON under ``--out``. With
+``XLA_FLAGS=--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton``). Synthetic data; SGD with
+momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the
+ratio to bf16 and the compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON
+under ``--out``. With
 ``--profile`` it also traces 5 steps of each row and tabulates the device time by kernel category
 (``kernel_profile.py``: int8 kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
 

@@ -18,6 +18,8 @@ import statistics
 import sys
 from typing import Any
 
+from flax import traverse_util
+
 from jint8 import metrics
 
 
@@ -52,22 +54,12 @@ def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | N
           'max_deviation': max((r.get('grad_deviation_max', 0.0) for r in train), default=0.0)}
 
 
-def _flatten(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
   """Whether two runs' configs agree on every key both have, the seed aside (a key only one has is one that an
   older jint8 did not write yet; it kept that key's default behaviour)."""
   if a is None or b is None:
     return False
-  a, b = _flatten(a), _flatten(b)
+  a, b = traverse_util.flatten_dict(a, sep='.'), traverse_util.flatten_dict(b, sep='.')
   return all(a[k] == b[k] for k in a.keys() & b.keys() if k != 'seed')
 
 

@@ -11,6 +11,7 @@ and keep their quantization state in the variable collection ``STATE_COLLECTION`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -27,7 +28,7 @@ from jint8.ops import Int8Config, QuantState
 STATE_COLLECTION = 'int8_state'
 
 __all__ = ['STATE_COLLECTION', 'Int8Config', 'Int8ConvGeneralDilated', 'Int8DotGeneral', 'Int8Model',
-           'Int8Policy', 'layer_order', 'layer_stats']
+           'Int8Policy', 'layer_stats', 'record_layer_order']
 
 
 class _Int8Op(nn.Module):
@@ -141,20 +142,23 @@ class Int8Model(nn.Module):
       return self.model(*args, **kwargs)
 
 
-def layer_order(model: nn.Module, rngs, *args, **kwargs) -> list[str]:
-  """The int8 layers of ``model``, named as ``layer_stats`` names them, in the order ``model.init(rngs, *args,
-  **kwargs)`` calls them: the network's depth order (``layer_stats`` follows the state's sorted keys, where
-  ``Block_10`` comes before ``Block_2``). Traces the model once, runs nothing."""
-  order: dict[str, None] = {}
+@contextlib.contextmanager
+def record_layer_order():
+  """Yields a list that collects, while the block traces or runs models, the names of their int8 layers (as
+  ``layer_stats`` names them) in the order they are called: the network's depth order, which ``layer_stats``
+  loses once the state has passed through ``jit`` (sorted keys: ``Block_10`` before ``Block_2``). A layer applied
+  several times keeps its first place."""
+  order: list[str] = []
 
   def record(next_fun, call_args, call_kwargs, context):
     if context.method_name == '__call__' and isinstance(context.module, _Int8Op):
-      order.setdefault('/'.join(context.module.path[:-1]), None)  # a shared layer keeps its first place
+      name = '/'.join(context.module.path[:-1])
+      if name not in order:
+        order.append(name)
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(functools.partial(model.init, rngs, *args, **kwargs))
-  return list(order)
+    yield order
 
 
 def layer_stats(int8_state) -> dict[str, dict[str, jax.Array]]:

@@ -26,7 +26,7 @@ import optax
 from flax import linen as nn
 
 from jint8 import checkpointing, input_pipeline, metrics, models, optimizers, precision, progress, sharding
-from jint8.nn import STATE_COLLECTION, layer_order, layer_stats
+from jint8.nn import STATE_COLLECTION, layer_stats, record_layer_order
 
 # Streams of randomness derived from config.seed with jax.random.fold_in.
 _INIT, _ORDER, _AUGMENT, _DROPOUT = range(4)
@@ -97,14 +97,6 @@ def create_model(config: Any, num_classes: int) -> nn.Module:
     return factory(**kwargs)
   except TypeError as e:
     raise ValueError(f'config.model_kwargs: {e}') from None
-
-
-def int8_layer_order(model: nn.Module, image_shape: tuple[int, ...]) -> list[str]:
-  """The int8 layers of ``model`` in depth order (``jint8.nn.layer_order``), the model called as ``_init_fn``
-  calls it; the per-layer metrics are logged in this order."""
-  rng = jax.random.PRNGKey(0)
-  return layer_order(model, {'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape), jnp.float32),
-                     train=False)
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], seed: int):
@@ -330,10 +322,12 @@ def restore_or_initialize(workdir: pathlib.Path, config: Any, init_args: tuple, 
   """The run's checkpointer and the state to start from: the latest readable checkpoint in ``workdir``, else a
   new state from ``initial_state(*init_args)``. Writes ``config.json`` and says which it is.
 
-  Returns ``(checkpointer, state, epoch, index in epoch)``.
+  Returns ``(checkpointer, state, epoch, index in epoch, layer order)``: the last, the model's int8 layers in
+  call order (``record_layer_order`` while tracing the state's shapes), is the order ``train_loop`` logs them in.
   """
   checkpointer = checkpointing.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
-  like = abstract_state(*init_args)
+  with record_layer_order() as layer_order:
+    like = abstract_state(*init_args)
   restored = checkpointer.restore_latest(checkpoint_tree(like, 0, 0))
   if restored:
     state, (epoch, index) = from_checkpoint_tree(like, restored[1])
@@ -344,7 +338,7 @@ def restore_or_initialize(workdir: pathlib.Path, config: Any, init_args: tuple, 
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
     print(f'Resuming from the checkpoint at step {int(state.step)} (epoch {epoch}, batch {index}) in {workdir}'
           if restored else f'Starting a new run in {workdir}', flush=True)
-  return checkpointer, state, epoch, index
+  return checkpointer, state, epoch, index, layer_order
 
 
 def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
@@ -352,10 +346,11 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
                evaluate, show: tuple[str, ...], layer_order: Sequence[str] = ()):
   """Runs ``loop.train_steps`` (``multi_step``) from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
 
-  Logs every ``config.log_every_steps`` (per-layer statistics in ``layer_order``), calls ``evaluate(state, step)`` every ``config.eval_every_steps`` and
-  saves a checkpoint every ``config.checkpoint_every_steps`` (0: once per epoch), all three also at the end;
-  the steps between two of these events (or an epoch's end) run as one compiled loop. ``show`` names the
-  logged scalars shown on the progress bar. Returns the state and the last ``evaluate`` result.
+  Logs every ``config.log_every_steps`` (per-layer statistics in ``layer_order``), calls ``evaluate(state,
+  step)`` every ``config.eval_every_steps`` and saves a checkpoint every ``config.checkpoint_every_steps`` (0:
+  once per epoch), all three also at the end; the steps between two of these events (or an epoch's end) run as
+  one compiled loop. ``show`` names the logged scalars shown on the progress bar. Returns the state and the last
+  ``evaluate`` result.
   """
   step, epoch, index = start
   log_every = config.log_every_steps
@@ -424,7 +419,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
     loop = _Loop(config, model, tx, dataset, mesh)
 
     init_args = (model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
-    checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
+    checkpointer, state, epoch, index, layer_order = restore_or_initialize(workdir, config, init_args, is_main)
     step = int(state.step)
     if is_main:
       print(f'{jax.device_count()} devices, {dataset.train.num_examples} training images, {steps_per_epoch} '
@@ -448,8 +443,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
     state, final = train_loop(state, loop, dataset, start=(step, epoch, index), num_steps=num_steps,
                               steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
                               checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss', 'accuracy'),
-                              layer_order=int8_layer_order(model, dataset.image_shape) if config.precision == 'int8'
-                              else ())
+                              layer_order=layer_order)
     bar.close()
     final = {k: final[k] for k in ('loss', 'accuracy')}
     checkpointer.close()

@@ -142,7 +142,8 @@ def test_layer_order_is_the_call_order_and_names_the_layer_stats_keys(rng):
   model = jnn.Int8Model(DeepChain(), policy=jnn.Int8Policy(keep_dense_float=False))
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
   key = jax.random.PRNGKey(0)
-  order = jnn.layer_order(model, key, x, train=False)
+  with jnn.record_layer_order() as order:
+    jax.eval_shape(model.init, key, x)
   # the first conv stays float (the default policy); the shared conv is listed once, where it is first called
   expected = [f'model/Conv_{i}' for i in range(1, 12)] + ['model/a_shared', 'model/Dense_0']
   assert order == expected

@@ -23,8 +23,8 @@ from flax import linen as nn
 from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
-from jint8.trainer import (TrainState, format_record, gradient_step, int8_layer_order, multi_step,
-                           restore_or_initialize, run_length, train_loop, with_layer_stats)
+from jint8.trainer import (TrainState, format_record, gradient_step, multi_step, restore_or_initialize,
+                           run_length, train_loop, with_layer_stats)
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -218,7 +218,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
     loop = _Loop(config, model, tx, train, evaluation, ground_truth, mesh)
 
     init_args = (model, tx, (*image_size, 3), config.seed, sharding.replicated(mesh))
-    checkpointer, state, epoch, index = restore_or_initialize(workdir, config, init_args, is_main)
+    checkpointer, state, epoch, index, layer_order = restore_or_initialize(workdir, config, init_args, is_main)
     step = int(state.step)
     if is_main:
       print(f'{jax.device_count()} devices, {train.num_examples} training / {evaluation.num_examples} '
@@ -236,8 +236,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
     state, last = train_loop(state, loop, train, start=(step, epoch, index), num_steps=num_steps,
                              steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
                              checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss',),
-                             layer_order=int8_layer_order(model, (*image_size, 3)) if config.precision == 'int8'
-                             else ())
+                             layer_order=layer_order)
     final, detections = last if last is not None else (None, None)
     bar.close()
     if final is None:  # resumed from a finished run
