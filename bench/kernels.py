@@ -157,7 +157,7 @@ def bench_quantizers(rec: Recorder, n: int):
 
   def gradient(be, search, dsgc=True):
     return jax.jit(lambda v, k: be.quantize_gradient(v, jnp.float32(3e-3), jnp.int32(search), k, ratios=ratios,
-                                                     dsgc=dsgc, stochastic=True))
+                                                     refine=8, dsgc=dsgc, stochastic=True))
 
   rec.time('quant', f'pallas RTN (clip given) n={n}', jax.jit(lambda v: be.quantize(v, jnp.float32(2.0))), x,
            **info)
@@ -195,7 +195,7 @@ def bench_conv(rec: Recorder, layer: Conv, seed: int, wgrad_layouts=(), fwd_warp
   rec.time('conv', 'int8 quantize x, w (max-abs + RTN)', jax.jit(
       lambda x, w: (be.quantize(x, quant.max_abs(x)), be.quantize(w, quant.max_abs(w)))), x, w, **info)
   rec.time('conv', 'int8 quantize g (SR + deviation)', jax.jit(
-      lambda g, k: be.quantize_gradient(g, jnp.float32(1e-3), jnp.int32(0), k, ratios=ratios, dsgc=True,
+      lambda g, k: be.quantize_gradient(g, jnp.float32(1e-3), jnp.int32(0), k, ratios=ratios, refine=8, dsgc=True,
                                         stochastic=True)), g, jax.random.key(5), **info)
   plan = {op: be.plan(op, x.shape, w.shape, geom) for op in ('conv', 'dgrad', 'wgrad')}
   rec.time('conv', f'int8 fwd {plan["conv"]}', jax.jit(lambda x, w: be.conv(x, w, geom, 0.5)), xq, wq, **info)

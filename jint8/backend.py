@@ -60,12 +60,17 @@ class Backend(Protocol):
   def quantize(self, x: jax.Array, clip: jax.Array) -> jax.Array:
     """Round-to-nearest int8 quantization of ``x`` with a per-tensor clip (activations, weights)."""
 
+  def search_clip(self, x: jax.Array, clip: jax.Array, search: jax.Array, *, ratios: np.ndarray,
+                  refine: int) -> jax.Array:
+    """The clip of ``x`` found by ``quant.dsgc_search`` over ``ratios`` when ``search > 0`` or there is no clip
+    yet (``clip <= 0``), else the stored ``clip``; the search passes run only when needed."""
+
   def quantize_gradient(self, g: jax.Array, clip: jax.Array, search: jax.Array, key: jax.Array, *,
-                        ratios: np.ndarray, dsgc: bool, stochastic: bool):
+                        ratios: np.ndarray, refine: int, dsgc: bool, stochastic: bool):
     """Quantizes a gradient: ``(gq int8, clip_used, deviation, finite)``.
 
-    When ``dsgc`` and (``search`` or no clip yet), the clip is found by ``quant.dsgc_search`` over ``ratios``;
-    else with ``dsgc`` the given ``clip`` is used; without ``dsgc`` the clip is max|g|. ``deviation`` is the
+    With ``dsgc`` the clip is ``search_clip(g, clip, search, ratios=ratios, refine=refine)``; without ``dsgc``
+    it is max|g|. ``deviation`` is the
     cosine deviation of ``g`` against the int8 result, measured on every call. A non-finite ``g`` gives
     ``finite = False`` and meaningless other outputs: the caller must not use them.
     """
@@ -126,13 +131,15 @@ class XlaBackend:
   def quantize(self, x, clip):
     return quant.quantize(x, clip)
 
-  def quantize_gradient(self, g, clip, search, key, *, ratios, dsgc, stochastic):
+  def search_clip(self, x, clip, search, *, ratios, refine):
+    return lax.cond(jnp.logical_or(search > 0, clip <= 0), lambda: quant.dsgc_search(x, ratios, refine).clip,
+                    lambda: quant.safe_clip(clip))
+
+  def quantize_gradient(self, g, clip, search, key, *, ratios, refine, dsgc, stochastic):
     finite = quant.all_finite(g)
     g = jnp.where(finite, g, jnp.zeros_like(g))
     if dsgc:
-      needs_search = jnp.logical_or(search > 0, clip <= 0)
-      clip = lax.cond(needs_search, lambda: quant.dsgc_search(g, ratios).clip,
-                      lambda: quant.safe_clip(clip))
+      clip = self.search_clip(g, clip, search, ratios=ratios, refine=refine)
     else:
       clip = quant.safe_clip(quant.max_abs(g))
     gq = quant.quantize(g, clip, key=key if stochastic else None)

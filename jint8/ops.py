@@ -79,16 +79,11 @@ class QuantState(NamedTuple):
     return cls(zero, zero, zero, zero, jnp.ones((), jnp.float32), zero, zero)
 
 
-def _input_clip(x, state: QuantState, config: Int8Config):
-  if config.input_clip == 'maxabs':
-    return quant.safe_clip(quant.max_abs(x))
-  search = jnp.logical_or(state.search > 0, state.input_clip <= 0)
-  return lax.cond(search, lambda: quant.dsgc_search(x, config.ratios, config.refine).clip,
-                  lambda: quant.safe_clip(state.input_clip))
-
-
 def _quantize_operands(backend, x, w, state, config):
-  cx = _input_clip(x, state, config)
+  if config.input_clip == 'maxabs':
+    cx = quant.safe_clip(quant.max_abs(x))
+  else:
+    cx = backend.search_clip(x, state.input_clip, state.search, ratios=config.ratios, refine=config.refine)
   cw = quant.safe_clip(quant.max_abs(w))
   return backend.quantize(x, cx), backend.quantize(w, cw), cx, cw
 
@@ -96,7 +91,7 @@ def _quantize_operands(backend, x, w, state, config):
 def _quantize_gradient(backend, g, state, key, config):
   """Quantizes ``g``; returns ``(gq, clip, finite, state_cotangent)``."""
   gq, clip, dev, finite = backend.quantize_gradient(
-      g, state.grad_clip, state.search, key, ratios=config.ratios, dsgc=config.dsgc,
+      g, state.grad_clip, state.search, key, ratios=config.ratios, refine=config.refine, dsgc=config.dsgc,
       stochastic=config.stochastic_rounding)
   zero = jnp.zeros((), jnp.float32)
   cotangent = QuantState(

@@ -177,18 +177,21 @@ def test_nchw_dimension_numbers(rng):
   assert _cosine(y, ref) > 0.9995
 
 
-def test_state_cotangent_search_and_reuse(rng):
-  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+@pytest.mark.parametrize('refine', [0, 8])
+def test_state_cotangent_search_and_reuse(rng, refine):
+  x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
-  g = (rng.standard_t(2.0, size=(2, 6, 6, 4)) * 1e-3).astype(np.float32)
+  g = (rng.standard_t(2.0, size=(4, 16, 16, 4)) * 1e-3).astype(np.float32)
 
   def state_cotangent(state):
     f = lambda s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
-                                                key=jax.random.PRNGKey(1))
+                                                key=jax.random.PRNGKey(1), config=Int8Config(refine=refine))
     return _value_and_vjp(f, lambda y: g)(state)[1][0]
 
   searched = state_cotangent(_state(search=1.0))
-  expected = quant.dsgc_search(jnp.asarray(g))
+  expected = quant.dsgc_search(jnp.asarray(g), refine=refine)
+  # The config's refine reaches the gradient's search: the two settings choose different clips here.
+  assert float(expected.clip) != float(quant.dsgc_search(jnp.asarray(g), refine=8 - refine).clip)
   np.testing.assert_allclose(float(searched.grad_clip), float(expected.clip), rtol=1e-6)
   assert float(searched.uses) == 1.0 and float(searched.nonfinite) == 0.0
   assert 0 < float(searched.grad_deviation) < 0.1

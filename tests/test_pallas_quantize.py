@@ -95,7 +95,7 @@ RATIOS = quant.candidate_ratios()
 
 @jax.jit
 def _pallas_gradient(g, clip, search, key):
-  return PallasBackend().quantize_gradient(g, clip, search, key, ratios=RATIOS, dsgc=True, stochastic=False)
+  return PallasBackend().quantize_gradient(g, clip, search, key, ratios=RATIOS, refine=8, dsgc=True, stochastic=False)
 
 
 @pytest.mark.parametrize('search,clip', [(1, 3e-4), (0, 5e-4), (0, 0.0)])  # search, stored clip, no clip yet
@@ -103,17 +103,31 @@ def test_quantize_gradient_matches_xla_backend(search, clip):
   g = _heavy_tailed(2500)
   args = (g, jnp.float32(clip), jnp.int32(search), jax.random.key(0))
   gq, used, deviation, finite = _pallas_gradient(*args)
-  ref = backend.XlaBackend().quantize_gradient(*args, ratios=RATIOS, dsgc=True, stochastic=False)
+  ref = backend.XlaBackend().quantize_gradient(*args, ratios=RATIOS, refine=8, dsgc=True, stochastic=False)
   assert float(used) == float(ref[1])  # the same clip: searched or stored
   np.testing.assert_array_equal(gq, ref[0])
   np.testing.assert_allclose(deviation, ref[2], rtol=1e-4, atol=1e-7)
   assert bool(finite)
 
 
+@pytest.mark.parametrize('refine', [0, 8])
+@pytest.mark.parametrize('search,clip', [(1, 0.5), (0, 0.75), (0, 0.0)])  # search, stored clip, no clip yet
+def test_search_clip_matches_xla_backend(search, clip, refine):
+  x = _heavy_tailed(3000, key=11).astype(jnp.bfloat16)  # an activation in the model's dtype
+  args = (x, jnp.float32(clip), jnp.float32(search))
+  got = jax.jit(lambda *a: PallasBackend().search_clip(*a, ratios=RATIOS, refine=refine))(*args)
+  want = backend.XlaBackend().search_clip(*args, ratios=RATIOS, refine=refine)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  if search == 0 and clip > 0:
+    assert float(got) == clip  # stored, not searched
+  else:
+    assert float(got) == pytest.approx(float(quant.dsgc_search(x, RATIOS, refine).clip), rel=1e-6)
+
+
 def test_quantize_gradient_without_dsgc_uses_max_abs():
   g = _heavy_tailed(2500, key=7)
   gq, clip, _, finite = PallasBackend().quantize_gradient(g, jnp.float32(1.0), jnp.int32(0), jax.random.key(0),
-                                                          ratios=RATIOS, dsgc=False, stochastic=False)
+                                                          ratios=RATIOS, refine=8, dsgc=False, stochastic=False)
   assert float(clip) == float(quant.max_abs(g)) and bool(finite)
   np.testing.assert_array_equal(gq, quant.quantize(g, quant.max_abs(g)))
 
@@ -121,7 +135,7 @@ def test_quantize_gradient_without_dsgc_uses_max_abs():
 def test_quantize_gradient_stochastic_and_non_finite():
   g = _heavy_tailed(4000, key=6)
   run = jax.jit(lambda g: PallasBackend().quantize_gradient(g, jnp.float32(2e-3), jnp.int32(0), jax.random.key(1),
-                                                            ratios=RATIOS, dsgc=True, stochastic=True))
+                                                            ratios=RATIOS, refine=8, dsgc=True, stochastic=True))
   gq, clip, deviation, finite = run(g)
   v = np.clip(np.asarray(g) / 2e-3, -1, 1) * quant.QMAX
   assert np.all(np.abs(np.asarray(gq, np.float64) - v) <= 1.0)

@@ -127,15 +127,18 @@ class PallasBackend:
   def quantize(self, x, clip):
     return quantize_kernel.quantize(x, clip, interpret=self._interpret())
 
-  def quantize_gradient(self, g, clip, search, key, *, ratios, dsgc, stochastic):
+  def search_clip(self, x, clip, search, *, ratios, refine):
+    # The search passes are switched off inside the kernels rather than by lax.cond, whose predicate XLA on
+    # GPUs reads back to the host, once per layer and step.
+    needs_search = jnp.logical_or(search > 0, clip <= 0)
+    searched = clip_scores.dsgc_search(x, ratios, refine, interpret=self._interpret(), enabled=needs_search).clip
+    return jnp.where(needs_search, searched, quant.safe_clip(clip))
+
+  def quantize_gradient(self, g, clip, search, key, *, ratios, refine, dsgc, stochastic):
     interpret = self._interpret()
     seeds = jax.random.bits(key, (2,), jnp.uint32) if stochastic else None
     if dsgc:
-      # The search passes are switched off inside the kernels rather than by lax.cond, whose predicate XLA on
-      # GPUs reads back to the host, once per layer and step.
-      needs_search = jnp.logical_or(search > 0, clip <= 0)
-      searched = clip_scores.dsgc_search(g, ratios, interpret=interpret, enabled=needs_search).clip
-      clip = jnp.where(needs_search, searched, quant.safe_clip(clip))
+      clip = self.search_clip(g, clip, search, ratios=ratios, refine=refine)
     else:
       clip = quant.safe_clip(clip_scores.abs_max(g, interpret=interpret)[0])
     gq, stats = quantize_kernel.quantize(g, clip, seeds, with_stats=True, interpret=interpret)
