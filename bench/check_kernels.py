@@ -149,10 +149,11 @@ def check_quantizers(args, results: list, key):
   g = jax.random.t(k, 2.0, (n,)) * 1e-3  # sharp and wide, like a gradient
   g_cpu = jax.device_put(g, cpu)
   for search, clip in ((1, 0.0), (0, 3e-3)):
-    out = be.quantize_gradient(g, jnp.float32(clip), jnp.int32(search), ks, ratios=ratios, refine=8, dsgc=True,
-                               stochastic=False)
-    out_ref = ref.quantize_gradient(g_cpu, *jax.device_put((jnp.float32(clip), jnp.int32(search), ks), cpu),
-                                    ratios=ratios, refine=8, dsgc=True, stochastic=False)
+    out = be.quantize_gradient(g, be.search_clip(g, jnp.float32(clip), jnp.int32(search), ratios=ratios, refine=8),
+                               ks, stochastic=False)
+    clip_cpu, search_cpu, ks_cpu = jax.device_put((jnp.float32(clip), jnp.int32(search), ks), cpu)
+    out_ref = ref.quantize_gradient(g_cpu, ref.search_clip(g_cpu, clip_cpu, search_cpu, ratios=ratios, refine=8),
+                                    ks_cpu, stochastic=False)
     out, out_ref = jax.device_get(out), jax.device_get(out_ref)
     same_clip = float(out[1]) == float(out_ref[1])
     same_q = bool(np.all(out[0] == out_ref[0]))
@@ -162,8 +163,7 @@ def check_quantizers(args, results: list, key):
                     f'{int(np.sum(out[0] != out_ref[0]))}, |d - d_ref| {dev_err:.2e}',
                     same_clip and same_q and dev_err <= 1e-4 * max(float(out_ref[2]), 1e-3) + 1e-6))
   clip = jnp.float32(3e-3)
-  gq, _, dev, finite = be.quantize_gradient(g, clip, jnp.int32(0), ks, ratios=ratios, refine=8, dsgc=True,
-                                            stochastic=True)
+  gq, _, dev, finite = be.quantize_gradient(g, clip, ks, stochastic=True)
   v = jnp.clip(g / clip, -1, 1) * quant.QMAX
   bias = float(jnp.mean(gq.astype(jnp.float32) - v))
   spread = float(jnp.max(jnp.abs(gq.astype(jnp.float32) - v)))
@@ -172,7 +172,7 @@ def check_quantizers(args, results: list, key):
                   f'mean(q - v) {bias:.2e} (|.| < {bound:.1e}), max|q - v| {spread:.3f}, finite {bool(finite)}',
                   abs(bias) < bound and spread <= 1.0 and bool(finite)))
   bad = g.at[12345].set(jnp.inf)
-  finite = be.quantize_gradient(bad, clip, jnp.int32(0), ks, ratios=ratios, refine=8, dsgc=True, stochastic=True)[3]
+  finite = be.quantize_gradient(bad, clip, ks, stochastic=True)[3]
   results.append(('quantize_gradient inf', f'finite={bool(finite)}', not bool(finite)))
   return key
 

@@ -155,16 +155,20 @@ def bench_quantizers(rec: Recorder, n: int):
   info = dict(elements=n, bytes=3 * n)  # bf16 in, int8 out
   rec.time('quant', f'copy x+1 bf16 n={n}', jax.jit(lambda v: v + 1), x, elements=n, bytes=4 * n)
 
-  def gradient(be, search, dsgc=True):
-    return jax.jit(lambda v, k: be.quantize_gradient(v, jnp.float32(3e-3), jnp.int32(search), k, ratios=ratios,
-                                                     refine=8, dsgc=dsgc, stochastic=True))
+  def gradient(be, clip):  # clip: 'stored' (given), 'max-abs' (no DSGC) or 'search' (a DSGC search step)
+    def run(v, k):
+      c = {'stored': jnp.float32(3e-3), 'max-abs': None}.get(clip)
+      if clip == 'search':
+        c = be.search_clip(v, jnp.float32(3e-3), jnp.int32(1), ratios=ratios, refine=8)
+      return be.quantize_gradient(v, c, k, stochastic=True)
+    return jax.jit(run)
 
   rec.time('quant', f'pallas RTN (clip given) n={n}', jax.jit(lambda v: be.quantize(v, jnp.float32(2.0))), x,
            **info)
-  rec.time('quant', f'pallas grad SR+deviation (stored clip) n={n}', gradient(be, 0), g, key, **info)
-  rec.time('quant', f'xla grad SR+deviation (stored clip) n={n}', gradient(ref, 0), g, key, **info)
-  rec.time('quant', f'pallas grad max-abs clip (no DSGC) n={n}', gradient(be, 0, False), g, key, **info)
-  rec.time('quant', f'pallas grad DSGC search step n={n}', gradient(be, 1), g, key, **info)
+  rec.time('quant', f'pallas grad SR+deviation (stored clip) n={n}', gradient(be, 'stored'), g, key, **info)
+  rec.time('quant', f'xla grad SR+deviation (stored clip) n={n}', gradient(ref, 'stored'), g, key, **info)
+  rec.time('quant', f'pallas grad max-abs clip (no DSGC) n={n}', gradient(be, 'max-abs'), g, key, **info)
+  rec.time('quant', f'pallas grad DSGC search step n={n}', gradient(be, 'search'), g, key, **info)
 
 
 def bench_conv(rec: Recorder, layer: Conv, seed: int, wgrad_layouts=(), fwd_warps=()):
@@ -179,7 +183,6 @@ def bench_conv(rec: Recorder, layer: Conv, seed: int, wgrad_layouts=(), fwd_warp
   xq = quant.quantize(x, quant.max_abs(x))
   wq = quant.quantize(w, quant.max_abs(w))
   gq = quant.quantize(g, quant.max_abs(g))
-  ratios = quant.candidate_ratios()
   dims = ('NHWC', 'HWIO', 'NHWC')
   info = dict(layer=layer.name, ops=2 * layer.macs)
 
@@ -195,8 +198,7 @@ def bench_conv(rec: Recorder, layer: Conv, seed: int, wgrad_layouts=(), fwd_warp
   rec.time('conv', 'int8 quantize x, w (max-abs + RTN)', jax.jit(
       lambda x, w: (be.quantize(x, quant.max_abs(x)), be.quantize(w, quant.max_abs(w)))), x, w, **info)
   rec.time('conv', 'int8 quantize g (SR + deviation)', jax.jit(
-      lambda g, k: be.quantize_gradient(g, jnp.float32(1e-3), jnp.int32(0), k, ratios=ratios, refine=8, dsgc=True,
-                                        stochastic=True)), g, jax.random.key(5), **info)
+      lambda g, k: be.quantize_gradient(g, jnp.float32(1e-3), k, stochastic=True)), g, jax.random.key(5), **info)
   plan = {op: be.plan(op, x.shape, w.shape, geom) for op in ('conv', 'dgrad', 'wgrad')}
   rec.time('conv', f'int8 fwd {plan["conv"]}', jax.jit(lambda x, w: be.conv(x, w, geom, 0.5)), xq, wq, **info)
   rec.time('conv', f'int8 dgrad {plan["dgrad"]}', jax.jit(lambda g, w: be.conv_dgrad(g, w, geom, spatial, 0.5)),

@@ -1,11 +1,11 @@
 """End-to-end train-step speed and memory: bf16 XLA against jint8 int8, in one run.
 
 Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8 int8 convs, DSGC search every ``period`` steps,
-DCLR), ``int8-search`` (the DSGC search on every step) and ``int8-stored`` (as ``int8``, with the activation clip
+DCLR; the step traced with and without the search code, ``jint8.optim.search_cond``, as the trainers do),
+``int8-one-trace`` (as ``int8`` in a single trace: every step launches the search kernels, disabled in between),
+``int8-search`` (the DSGC search on every step) and ``int8-stored`` (as ``int8``, with the activation clip
 searched every ``period`` steps and stored instead of a max-abs reduction per step: ``input_clip="stored"``).
-The table's header names ``XLA_FLAGS`` when set (e.g. command buffers for the Pallas kernels:
-``XLA_FLAGS=--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton``). Synthetic data; SGD with
-momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the
+The table's header names ``XLA_FLAGS`` when set. Synthetic data; SGD with momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the
 ratio to bf16 and the compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON
 under ``--out``. With
 ``--profile`` it also traces 5 steps of each row and tabulates the device time by kernel category
@@ -36,7 +36,7 @@ from jint8 import models
 # model -> (image size, batch size, classes)
 SHAPES = {'resnet50': (224, 256, 1000), 'resnet18': (224, 256, 1000), 'resnet20': (32, 512, 10),
           'mobilenet_v2': (32, 512, 10)}
-MODES = ('bf16', 'int8', 'int8-search', 'int8-stored')
+MODES = ('bf16', 'int8', 'int8-one-trace', 'int8-search', 'int8-stored')
 
 
 def build_step(model_name: str, mode: str, backend: str, period: int):
@@ -58,6 +58,12 @@ def build_step(model_name: str, mode: str, backend: str, period: int):
   batch_stats = variables['batch_stats']
 
   def step(tree, opt_state, batch_stats, images, labels):
+    if mode in ('bf16', 'int8-one-trace'):
+      return model_step(model, tree, opt_state, batch_stats, images, labels)
+    return jint8.optim.search_cond(model_step, model, tree[jint8.nn.STATE_COLLECTION], tree, opt_state,
+                                   batch_stats, images, labels)
+
+  def model_step(model, tree, opt_state, batch_stats, images, labels):
     def loss_fn(params, int8_state):
       v = {'params': params, 'batch_stats': batch_stats, **int8_state}
       logits, updated = model.apply(v, images, train=True, mutable=['batch_stats'])

@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.int8.refine = 8  # clips scored in a second pass around the best candidate (0: none)
   config.int8.stochastic_rounding = True
   config.int8.input_clip = 'maxabs'  # or 'stored'
+  # Trace the train step twice, with the DSGC search code for search steps and without it for the steps between
+  # (jint8.optim.search_cond): fewer kernels per layer on those steps, twice the compilation time.
+  config.int8.separate_search_trace = True
   config.int8.dclr = True  # Deviation Counteractive LR scaling: layer update * max(exp(-alpha d), beta)
   config.int8.alpha = 20.0
   config.int8.beta = 0.1

@@ -65,14 +65,12 @@ class Backend(Protocol):
     """The clip of ``x`` found by ``quant.dsgc_search`` over ``ratios`` when ``search > 0`` or there is no clip
     yet (``clip <= 0``), else the stored ``clip``; the search passes run only when needed."""
 
-  def quantize_gradient(self, g: jax.Array, clip: jax.Array, search: jax.Array, key: jax.Array, *,
-                        ratios: np.ndarray, refine: int, dsgc: bool, stochastic: bool):
-    """Quantizes a gradient: ``(gq int8, clip_used, deviation, finite)``.
+  def quantize_gradient(self, g: jax.Array, clip: jax.Array | None, key: jax.Array, *, stochastic: bool):
+    """Quantizes a gradient at ``clip`` (``None``: max|g|) with stochastic or round-to-nearest rounding:
+    ``(gq int8, clip_used, deviation, finite)``.
 
-    With ``dsgc`` the clip is ``search_clip(g, clip, search, ratios=ratios, refine=refine)``; without ``dsgc``
-    it is max|g|. ``deviation`` is the
-    cosine deviation of ``g`` against the int8 result, measured on every call. A non-finite ``g`` gives
-    ``finite = False`` and meaningless other outputs: the caller must not use them.
+    ``deviation`` is the cosine deviation of ``g`` against the int8 result, measured on every call. A
+    non-finite ``g`` gives ``finite = False`` and meaningless other outputs: the caller must not use them.
     """
 
   def conv(self, lhs: jax.Array, rhs: jax.Array, geometry: ConvGeometry, scale: jax.Array,
@@ -135,13 +133,10 @@ class XlaBackend:
     return lax.cond(jnp.logical_or(search > 0, clip <= 0), lambda: quant.dsgc_search(x, ratios, refine).clip,
                     lambda: quant.safe_clip(clip))
 
-  def quantize_gradient(self, g, clip, search, key, *, ratios, refine, dsgc, stochastic):
+  def quantize_gradient(self, g, clip, key, *, stochastic):
     finite = quant.all_finite(g)
     g = jnp.where(finite, g, jnp.zeros_like(g))
-    if dsgc:
-      clip = self.search_clip(g, clip, search, ratios=ratios, refine=refine)
-    else:
-      clip = quant.safe_clip(quant.max_abs(g))
+    clip = quant.safe_clip(quant.max_abs(g) if clip is None else clip)
     gq = quant.quantize(g, clip, key=key if stochastic else None)
     return gq, clip, quant.cosine_deviation(g, gq), finite
 

@@ -37,6 +37,9 @@ class Int8Config:
     refine: clips scored in a second pass between the best candidate's neighbours (0: none).
     input_clip: ``"maxabs"`` clips activations at their max-abs each step; ``"stored"`` searches the clip
       with DSGC on search steps and reuses it in between (values beyond it saturate).
+    searches: ``False`` traces a step between two searches: every layer uses its stored clips whatever its
+      ``search`` flag says, and no search code is traced (fewer kernels per layer). Only for layers that have
+      clips already; ``jint8.optim.needs_search`` tells when a step must be traced with ``True``.
     seed: seed of the stochastic rounding (combined with the layer's path and the step).
   """
 
@@ -47,6 +50,7 @@ class Int8Config:
   min_ratio: float = 2.0 ** -8
   refine: int = 8
   input_clip: str = 'maxabs'
+  searches: bool = True
   seed: int = 0
 
   def __post_init__(self):
@@ -79,20 +83,25 @@ class QuantState(NamedTuple):
     return cls(zero, zero, zero, zero, jnp.ones((), jnp.float32), zero, zero)
 
 
+def _stored_or_searched_clip(backend, x, stored, state, config):
+  if not config.searches:
+    return quant.safe_clip(stored)
+  return backend.search_clip(x, stored, state.search, ratios=config.ratios, refine=config.refine)
+
+
 def _quantize_operands(backend, x, w, state, config):
   if config.input_clip == 'maxabs':
     cx = quant.safe_clip(quant.max_abs(x))
   else:
-    cx = backend.search_clip(x, state.input_clip, state.search, ratios=config.ratios, refine=config.refine)
+    cx = _stored_or_searched_clip(backend, x, state.input_clip, state, config)
   cw = quant.safe_clip(quant.max_abs(w))
   return backend.quantize(x, cx), backend.quantize(w, cw), cx, cw
 
 
 def _quantize_gradient(backend, g, state, key, config):
   """Quantizes ``g``; returns ``(gq, clip, finite, state_cotangent)``."""
-  gq, clip, dev, finite = backend.quantize_gradient(
-      g, state.grad_clip, state.search, key, ratios=config.ratios, refine=config.refine, dsgc=config.dsgc,
-      stochastic=config.stochastic_rounding)
+  clip = _stored_or_searched_clip(backend, g, state.grad_clip, state, config) if config.dsgc else None
+  gq, clip, dev, finite = backend.quantize_gradient(g, clip, key, stochastic=config.stochastic_rounding)
   zero = jnp.zeros((), jnp.float32)
   cotangent = QuantState(
       grad_clip=jnp.where(finite, clip, state.grad_clip),

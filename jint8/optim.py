@@ -9,7 +9,8 @@ after any optax optimizer, which sees only ``params``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 
-from jint8.nn import STATE_COLLECTION
+from jint8.nn import STATE_COLLECTION, Int8Config, Int8Model
 
 # The scalars each int8 op module keeps in STATE_COLLECTION (docs/design.md, "Quantization state").
 _STATE_FIELDS = frozenset(
@@ -273,3 +275,32 @@ def int8_optimizer(inner: optax.GradientTransformation, *, period: int = 100, al
   if skip_nonfinite:
     params_step = _skip_nonfinite(params_step)
   return optax.chain(params_step, dsgc_state_update(period))
+
+
+def needs_search(int8_state: Any, config: Int8Config) -> jax.Array:
+  """True when the next step must run the DSGC search code: some layer's ``search`` flag is set, or some layer
+  has no stored clip yet where ``config`` uses one (``grad_clip`` with DSGC, ``input_clip`` when stored)."""
+  ops, _, _ = _op_states(int8_state, STATE_COLLECTION)
+  flags = []
+  for fields in ops.values():
+    flags.append(fields['search'] > 0)
+    if config.dsgc:
+      flags.append(fields['grad_clip'] <= 0)
+    if config.input_clip == 'stored':
+      flags.append(fields['input_clip'] <= 0)
+  return jnp.any(jnp.stack(flags)) if flags else jnp.asarray(False)
+
+
+def search_cond(step_fn: Callable[..., Any], model: nn.Module, int8_state: Any, *args) -> Any:
+  """``step_fn(model, *args)``, for an ``Int8Model`` traced twice and chosen by ``lax.cond``.
+
+  On the steps ``needs_search`` finds, ``model`` runs as it is; on the others (``period - 1`` of every
+  ``period``) a copy with ``Int8Config(searches=False)``, whose layers launch no search kernels. Both give the
+  same values; the cost is compiling the step twice. Put the whole step (forward, backward and optimizer
+  update) in ``step_fn``: differentiating through the ``lax.cond`` would keep both branches' residuals.
+  """
+  if not isinstance(model, Int8Model) or not jax.tree_util.tree_leaves(int8_state):
+    return step_fn(model, *args)
+  steady = model.clone(config=dataclasses.replace(model.config, searches=False))
+  return jax.lax.cond(needs_search(int8_state, model.config), lambda: step_fn(model, *args),
+                      lambda: step_fn(steady, *args))

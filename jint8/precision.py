@@ -7,6 +7,7 @@
   backend, dsgc, stochastic_rounding, num_candidates, min_ratio, refine, input_clip   -> Int8Config
   keep_first_conv_float, keep_dense_float, float_layers                               -> Int8Policy
   period, dclr, alpha, beta, skip_nonfinite                                           -> int8_optimizer
+  separate_search_trace                                          -> the trainers' steps (``bind_train_step``)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jint8 import checkpointing, input_pipeline, metrics, models, optimizers, precision, progress, sharding
+from jint8 import checkpointing, input_pipeline, metrics, models, optim, optimizers, precision, progress, sharding
 from jint8.nn import STATE_COLLECTION, layer_stats, record_layer_order
 
 # Streams of randomness derived from config.seed with jax.random.fold_in.
@@ -219,6 +219,20 @@ def combine_records(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str,
   return jax.tree_util.tree_map_with_path(combine, earlier, later)
 
 
+def bind_train_step(train_step: Callable[..., tuple[Any, dict[str, Any]]], config: Any, model: nn.Module,
+                    **kwargs) -> Callable[..., tuple[Any, dict[str, Any]]]:
+  """``train_step(state, *args, model=model, **kwargs)`` as ``step(state, *args)``; for int8 with
+  ``config.int8.separate_search_trace``, through ``jint8.optim.search_cond`` (the model without its search
+  code on the steps between two DSGC searches)."""
+  if config.precision != 'int8' or not config.int8.separate_search_trace:
+    return functools.partial(train_step, model=model, **kwargs)
+
+  def step(state, *args):
+    return optim.search_cond(lambda m: train_step(state, *args, model=m, **kwargs), model, state.int8_state)
+
+  return step
+
+
 def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]]):
   """``train_step(state, data, order, index)`` run ``num_steps`` times on batches ``index, index + 1, ...`` in
   one compiled loop (one compilation for any ``num_steps``).
@@ -271,8 +285,8 @@ class _Loop:
     self.dataset = dataset
     self.eval_batch_size = config.eval_batch_size
     self.train_steps = jax.jit(multi_step(
-        functools.partial(train_step, model=model, tx=tx, batch_size=config.batch_size, batch_sharding=batch,
-                          label_smoothing=config.label_smoothing)),
+        bind_train_step(train_step, config, model, tx=tx, batch_size=config.batch_size, batch_sharding=batch,
+                        label_smoothing=config.label_smoothing)),
         donate_argnums=0, out_shardings=replicated)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=model, batch_size=config.eval_batch_size, batch_sharding=batch),

@@ -276,3 +276,21 @@ def test_stored_input_clip_is_searched_then_reused(rng):
   np.testing.assert_allclose(input_clip_cotangent(_state(search=1.0)),
                              float(quant.dsgc_search(jnp.asarray(x)).clip), rtol=1e-6)
   assert input_clip_cotangent(_state(search=0.0, input_clip=0.75)) == pytest.approx(0.75)
+
+
+def test_a_trace_without_searches_uses_the_stored_clips(rng):
+  x = (rng.standard_t(2.0, size=(2, 6, 6, 3))).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  g = (rng.standard_t(2.0, size=(2, 6, 6, 4)) * 1e-3).astype(np.float32)
+
+  def cotangent(config, state):
+    f = lambda s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
+                                                key=jax.random.PRNGKey(1), config=config)
+    return _value_and_vjp(f, lambda y: g)(state)[1][0]
+
+  state = _state(search=1.0, grad_clip=0.123, input_clip=0.75)  # the flag says search
+  steady = cotangent(Int8Config(input_clip='stored', searches=False), state)
+  assert float(steady.grad_clip) == pytest.approx(0.123) and float(steady.input_clip) == pytest.approx(0.75)
+  searched = cotangent(Int8Config(input_clip='stored'), state)
+  np.testing.assert_allclose(float(searched.grad_clip), float(quant.dsgc_search(jnp.asarray(g)).clip), rtol=1e-6)
+  np.testing.assert_allclose(float(searched.input_clip), float(quant.dsgc_search(jnp.asarray(x)).clip), rtol=1e-6)

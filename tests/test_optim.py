@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from jint8 import optim
-from jint8.nn import STATE_COLLECTION, Int8Config, Int8ConvGeneralDilated
+from jint8.nn import STATE_COLLECTION, Int8Config, Int8ConvGeneralDilated, Int8Model, Int8Policy
 
 OP = 'Int8ConvGeneralDilated_0'
 # The int8 layers of the synthetic model; "Dense_0" is a float layer (no op module).
@@ -339,6 +339,17 @@ class TinyNet(nn.Module):
     return nn.Dense(3)(x.mean(axis=(1, 2)))
 
 
+def train_step(model, tx, tree, opt_state, images, labels):
+  """One step of ``tx`` on the cross-entropy of ``model``, the int8 state updated through ``tx``."""
+  def loss_fn(params, int8_state):
+    logits = model.apply({'params': params, STATE_COLLECTION: int8_state}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  grads = jax.grad(loss_fn, argnums=(0, 1))(tree['params'], tree[STATE_COLLECTION])
+  updates, opt_state = tx.update({'params': grads[0], STATE_COLLECTION: grads[1]}, opt_state, tree)
+  return optax.apply_updates(tree, updates), opt_state
+
+
 def test_int8_optimizer_through_int8_convs(rng):
   model = TinyNet()
   images = f32(rng.normal(size=(4, 8, 8, 3)))
@@ -346,23 +357,14 @@ def test_int8_optimizer_through_int8_convs(rng):
   assert rest == {}
   tx = optim.int8_optimizer(optax.sgd(0.05, momentum=0.9), period=2)
   opt_state = tx.init(tree)
-
-  @jax.jit
-  def train_step(tree, opt_state, images, labels):
-    def loss_fn(params, int8_state):
-      logits = model.apply({'params': params, STATE_COLLECTION: int8_state}, images)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    grads = jax.grad(loss_fn, argnums=(0, 1))(tree['params'], tree[STATE_COLLECTION])
-    updates, opt_state = tx.update({'params': grads[0], STATE_COLLECTION: grads[1]}, opt_state, tree)
-    return optax.apply_updates(tree, updates), opt_state
+  step = jax.jit(functools.partial(train_step, model, tx))
 
   layers = {'Conv_0': 1, 'Conv_1': 2}
   history = [tree[STATE_COLLECTION]]
   for _ in range(5):
     images = f32(rng.normal(size=(4, 8, 8, 3)))
     labels = jnp.asarray(rng.integers(0, 3, size=4))
-    tree, opt_state = train_step(tree, opt_state, images, labels)
+    tree, opt_state = step(tree, opt_state, images, labels)
     history.append(tree[STATE_COLLECTION])
 
   for name, uses in layers.items():
@@ -377,3 +379,60 @@ def test_int8_optimizer_through_int8_convs(rng):
         assert float(after['grad_clip']) != float(before['grad_clip']), (name, k)  # a new search
       else:
         assert float(after['grad_clip']) == float(before['grad_clip']), (name, k)  # the stored clip reused
+
+
+def test_needs_search(rng):
+  state = make_state(rng, step=1)
+  assert not bool(optim.needs_search(state, Int8Config()))
+  flagged = merge(state, nested(INT8_LAYERS[1] + (OP, 'search'), f32(1)))
+  assert bool(optim.needs_search(flagged, Int8Config()))
+  no_input_clip = merge(state, nested(INT8_LAYERS[2] + (OP, 'input_clip'), f32(0)))
+  assert not bool(optim.needs_search(no_input_clip, Int8Config(input_clip='maxabs')))  # not used: max-abs
+  assert bool(optim.needs_search(no_input_clip, Int8Config(input_clip='stored')))
+  no_grad_clip = merge(state, nested(INT8_LAYERS[0] + (OP, 'grad_clip'), f32(0)))
+  assert bool(optim.needs_search(no_grad_clip, Int8Config()))
+  assert not bool(optim.needs_search(no_grad_clip, Int8Config(dsgc=False)))  # max|g| every step
+
+
+class FloatNet(nn.Module):
+  """Two plain convs and a classifier, made int8 by ``Int8Model``."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize('input_clip', ['maxabs', 'stored'])
+def test_search_cond_gives_the_steps_of_one_trace(rng, input_clip):
+  model = Int8Model(FloatNet(), config=Int8Config(seed=2, input_clip=input_clip),
+                    policy=Int8Policy(keep_first_conv_float=False))
+  images = f32(rng.normal(size=(4, 8, 8, 3)))
+  tree, _ = optim.split_state(jax.jit(model.init)(jax.random.PRNGKey(0), images))
+  tx = optim.int8_optimizer(optax.sgd(0.05, momentum=0.9), period=3)
+  step = lambda model, *args: train_step(model, tx, *args)
+  one_trace = jax.jit(functools.partial(step, model))
+  two_traces = jax.jit(lambda tree, *args: optim.search_cond(step, model, tree[STATE_COLLECTION], tree, *args))
+  a, b = (tree, tx.init(tree)), (tree, tx.init(tree))
+  searched = []
+  for _ in range(7):
+    images = f32(rng.normal(size=(4, 8, 8, 3)))
+    labels = jnp.asarray(rng.integers(0, 3, size=4))
+    searched.append(bool(optim.needs_search(b[0][STATE_COLLECTION], model.config)))
+    a, b = one_trace(*a, images, labels), two_traces(*b, images, labels)
+    jax.tree.map(np.testing.assert_array_equal, a[0][STATE_COLLECTION], b[0][STATE_COLLECTION])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-8), a[0]['params'],
+                 b[0]['params'])
+  assert searched == [True, False, False, True, False, False, True]
+  # The clips were searched on those steps and reused on the others.
+  clip = a[0][STATE_COLLECTION]['model']['Conv_1']['Int8ConvGeneralDilated_0']['grad_clip']
+  assert float(clip) > 0
+
+
+def test_search_cond_runs_a_float_model_as_it_is(rng):
+  model = FloatNet()
+  images = f32(rng.normal(size=(2, 8, 8, 3)))
+  params = model.init(jax.random.PRNGKey(0), images)
+  out = optim.search_cond(lambda m, x: m.apply(params, x), model, {}, images)
+  np.testing.assert_array_equal(out, model.apply(params, images))

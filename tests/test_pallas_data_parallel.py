@@ -33,10 +33,10 @@ _CHECK = textwrap.dedent('''
 
     def ops(x, w, g, gf, a, b, c):
       assert data_parallel.shards(x.shape[0]) == shards
-      searched = be.quantize_gradient(gf, jnp.float32(0), jnp.float32(1), key, ratios=ratios, refine=8, dsgc=True,
-                                      stochastic=True)
-      stored = be.quantize_gradient(gf, jnp.float32(0.9), jnp.float32(0), key, ratios=ratios, refine=8, dsgc=True,
-                                    stochastic=True)
+      clip = be.search_clip(gf, jnp.float32(0), jnp.float32(1), ratios=ratios, refine=8)
+      searched = be.quantize_gradient(gf, clip, key, stochastic=True)
+      stored = be.quantize_gradient(gf, be.search_clip(gf, jnp.float32(0.9), jnp.float32(0), ratios=ratios,
+                                                       refine=8), key, stochastic=True)
       return dict(fwd=be.conv(x, w, geom, 0.5, jnp.bfloat16), dgrad=be.conv_dgrad(g, w, geom, (7, 6), 0.25),
                   wgrad=be.conv_wgrad(x, g, geom, (3, 3), 2.0), rtn=be.quantize(gf, jnp.float32(1.5)),
                   gq=searched[0], clip=searched[1], dev=searched[2], finite=searched[3],

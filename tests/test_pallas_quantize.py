@@ -93,18 +93,14 @@ def test_abs_max_and_clip_scores_match_quant():
 RATIOS = quant.candidate_ratios()
 
 
-@jax.jit
-def _pallas_gradient(g, clip, search, key):
-  return PallasBackend().quantize_gradient(g, clip, search, key, ratios=RATIOS, refine=8, dsgc=True, stochastic=False)
-
-
-@pytest.mark.parametrize('search,clip', [(1, 3e-4), (0, 5e-4), (0, 0.0)])  # search, stored clip, no clip yet
-def test_quantize_gradient_matches_xla_backend(search, clip):
+@pytest.mark.parametrize('clip', [3e-4, None])  # a given clip, max|g|
+def test_quantize_gradient_matches_xla_backend(clip):
   g = _heavy_tailed(2500)
-  args = (g, jnp.float32(clip), jnp.int32(search), jax.random.key(0))
-  gq, used, deviation, finite = _pallas_gradient(*args)
-  ref = backend.XlaBackend().quantize_gradient(*args, ratios=RATIOS, refine=8, dsgc=True, stochastic=False)
-  assert float(used) == float(ref[1])  # the same clip: searched or stored
+  args = (g, None if clip is None else jnp.float32(clip), jax.random.key(0))
+  gq, used, deviation, finite = jax.jit(
+      lambda g, key: PallasBackend().quantize_gradient(g, args[1], key, stochastic=False))(g, args[2])
+  ref = backend.XlaBackend().quantize_gradient(*args, stochastic=False)
+  assert float(used) == float(ref[1]) == (float(quant.max_abs(g)) if clip is None else pytest.approx(clip))
   np.testing.assert_array_equal(gq, ref[0])
   np.testing.assert_allclose(deviation, ref[2], rtol=1e-4, atol=1e-7)
   assert bool(finite)
@@ -124,18 +120,10 @@ def test_search_clip_matches_xla_backend(search, clip, refine):
     assert float(got) == pytest.approx(float(quant.dsgc_search(x, RATIOS, refine).clip), rel=1e-6)
 
 
-def test_quantize_gradient_without_dsgc_uses_max_abs():
-  g = _heavy_tailed(2500, key=7)
-  gq, clip, _, finite = PallasBackend().quantize_gradient(g, jnp.float32(1.0), jnp.int32(0), jax.random.key(0),
-                                                          ratios=RATIOS, refine=8, dsgc=False, stochastic=False)
-  assert float(clip) == float(quant.max_abs(g)) and bool(finite)
-  np.testing.assert_array_equal(gq, quant.quantize(g, quant.max_abs(g)))
-
-
 def test_quantize_gradient_stochastic_and_non_finite():
   g = _heavy_tailed(4000, key=6)
-  run = jax.jit(lambda g: PallasBackend().quantize_gradient(g, jnp.float32(2e-3), jnp.int32(0), jax.random.key(1),
-                                                            ratios=RATIOS, refine=8, dsgc=True, stochastic=True))
+  run = jax.jit(lambda g: PallasBackend().quantize_gradient(g, jnp.float32(2e-3), jax.random.key(1),
+                                                            stochastic=True))
   gq, clip, deviation, finite = run(g)
   v = np.clip(np.asarray(g) / 2e-3, -1, 1) * quant.QMAX
   assert np.all(np.abs(np.asarray(gq, np.float64) - v) <= 1.0)

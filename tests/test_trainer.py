@@ -25,6 +25,7 @@ import pytest
 from flax import linen as nn
 
 from jint8 import checkpointing, metrics, models, optimizers, precision, sharding, trainer
+from jint8.nn import STATE_COLLECTION, Int8Model
 from test_datasets import cifar_subset  # noqa: F401  (session fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -317,6 +318,27 @@ def test_multi_step_runs_the_steps_of_one_epoch_and_summarizes_them(rng):
                                       rel=1e-5)
   fp32 = trainer.summarize_train([trainer.step_record({'loss': jnp.float32(1.5), 'accuracy': jnp.float32(1.0)})])
   assert fp32 == ({'loss': 1.5, 'accuracy': 1.0}, {})
+
+
+@pytest.mark.parametrize('precision_name,separate,traced', [('int8', True, [True, False]), ('int8', False, [True]),
+                                                           ('fp32', True, [None])])
+def test_bind_train_step_traces_int8_steps_with_and_without_the_search(rng, precision_name, separate, traced):
+  config = default.get_config()
+  config.precision, config.int8.separate_search_trace = precision_name, separate
+  images = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  model = precision.apply_precision(TinyCNN(num_classes=3), config)
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  state = trainer.TrainState(step=jnp.int32(0), params=variables['params'], batch_stats=variables['batch_stats'],
+                             int8_state=variables.get(STATE_COLLECTION, {}), opt_state=(), rng=jax.random.PRNGKey(1))
+  seen = []  # Int8Config.searches of each traced model (None: a float model)
+
+  def fake_step(state, x, *, model, scale):
+    seen.append(model.config.searches if isinstance(model, Int8Model) else None)
+    return state, x * scale
+
+  _, out = jax.jit(trainer.bind_train_step(fake_step, config, model, scale=2.0))(state, images)
+  assert seen == traced
+  np.testing.assert_array_equal(out, images * 2.0)
 
 
 def test_checkpointer_restores_and_skips_a_corrupt_step(tmp_path):

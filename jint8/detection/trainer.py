@@ -23,7 +23,7 @@ from flax import linen as nn
 from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
-from jint8.trainer import (TrainState, format_record, gradient_step, multi_step, restore_or_initialize,
+from jint8.trainer import (TrainState, bind_train_step, format_record, gradient_step, multi_step, restore_or_initialize,
                            run_length, train_loop, with_layer_stats)
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
@@ -128,9 +128,9 @@ class _Loop:
     self.locations = targets.Locations(train.image_size, model_strides(model), config.fcos.size_boundaries,
                                        config.fcos.center_radius)
     self.train_steps = jax.jit(multi_step(
-        functools.partial(train_step, model=model, tx=tx, locations=self.locations, batch_size=config.batch_size,
-                          batch_sharding=batch, flips=tuple(config.dataset.flips),
-                          focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma)),
+        bind_train_step(train_step, config, model, tx=tx, locations=self.locations, batch_size=config.batch_size,
+                        batch_sharding=batch, flips=tuple(config.dataset.flips),
+                        focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma)),
         donate_argnums=0, out_shardings=replicated)
     self.predict_step = jax.jit(
         functools.partial(predict_step, model=model, locations=self.locations,

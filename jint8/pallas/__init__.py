@@ -134,13 +134,10 @@ class PallasBackend:
     searched = clip_scores.dsgc_search(x, ratios, refine, interpret=self._interpret(), enabled=needs_search).clip
     return jnp.where(needs_search, searched, quant.safe_clip(clip))
 
-  def quantize_gradient(self, g, clip, search, key, *, ratios, refine, dsgc, stochastic):
+  def quantize_gradient(self, g, clip, key, *, stochastic):
     interpret = self._interpret()
     seeds = jax.random.bits(key, (2,), jnp.uint32) if stochastic else None
-    if dsgc:
-      clip = self.search_clip(g, clip, search, ratios=ratios, refine=refine)
-    else:
-      clip = quant.safe_clip(clip_scores.abs_max(g, interpret=interpret)[0])
+    clip = quant.safe_clip(clip_scores.abs_max(g, interpret=interpret)[0] if clip is None else clip)
     gq, stats = quantize_kernel.quantize(g, clip, seeds, with_stats=True, interpret=interpret)
     return gq, clip, stats.deviation, stats.finite
 
