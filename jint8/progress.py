@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Mapping
 
 import tqdm
@@ -19,8 +20,19 @@ class Progress:
                           disable=not enabled, mininterval=0.5 if sys.stderr.isatty() else 30.0,
                           smoothing=0.1)
 
-  def update(self, steps: int = 1) -> None:
-    self._bar.update(steps)
+  def update(self, steps: int = 1, *, timed: bool = True) -> None:
+    """Counts ``steps`` finished steps. ``timed=False`` leaves them and the time since the last update out of
+    the rate, the ETA and the elapsed time (steps whose time includes compiling the step function)."""
+    bar = self._bar
+    if timed or bar.disable:
+      bar.update(steps)
+      return
+    now = time.time()  # tqdm's clock
+    bar.start_t += now - bar.last_print_t
+    bar.initial += steps  # tqdm's average rate counts the steps since ``initial``
+    bar.n += steps
+    bar.last_print_n, bar.last_print_t = bar.n, now  # and its smoothed rate the steps since the last print
+    bar.refresh()
 
   def show(self, metrics: Mapping[str, float]) -> None:
     """Shows ``metrics`` after the bar (e.g. the latest loss and accuracy)."""

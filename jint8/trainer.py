@@ -378,7 +378,7 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
                + [num_steps, step + steps_per_epoch - index])
     state, record = loop.train_steps(state, dataset, order, np.int32(index), np.int32(stop - step))
     pending.append(jax.block_until_ready(record))  # the bar counts finished steps: a true rate and ETA
-    bar.update(stop - step)
+    bar.update(stop - step, timed=step > start[0])  # the first call compiled the steps
     index, interval_steps, step = index + stop - step, interval_steps + stop - step, stop
     if index == steps_per_epoch:
       epoch, index = epoch + 1, 0
