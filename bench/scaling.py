@@ -4,13 +4,12 @@
 
 Two rows per device count: strong scaling keeps the global batch (``config.batch_size``) and splits it over the
 devices; weak scaling keeps ``config.batch_size`` per device. Each row runs the trainer's own step
-(``trainer.multi_step`` over ``trainer.train_step``: batch made on the device, the update, the gradient
-all-reduce XLA inserts for the sharded batch) for ``--steps`` steps in one compiled call on random CIFAR-sized
-data, after a warm-up call of the same length. The scaling factor is images/s on N devices over images/s on one,
-measured in the same run. Prints a Markdown table and writes the rows as JSON lines to ``--out``.
+(``trainer.multi_step`` over ``trainer.train_step`` bound by ``trainer.bind_train_step``: batch made on the
+device, the update, the gradient all-reduce XLA inserts for the sharded batch) for ``--steps`` steps in one
+compiled call on random CIFAR-sized data, after a warm-up call of the same length. The scaling factor is images/s
+on N devices over images/s on one, measured in the same run. Prints a Markdown table and writes the rows as JSON lines to ``--out``.
 """
 
-import functools
 import json
 import os
 import sys
@@ -47,8 +46,8 @@ def images_per_second(config, devices, batch_size: int, steps: int) -> float:
   state = trainer.initial_state(model, tx, dataset.image_shape, config.seed, replicated)
   order = jax.device_put(input_pipeline.epoch_order(jax.random.PRNGKey(0), 0, dataset.train.num_examples),
                          replicated)
-  run = jax.jit(trainer.multi_step(functools.partial(
-      trainer.train_step, model=model, tx=tx, batch_size=batch_size,
+  run = jax.jit(trainer.multi_step(trainer.bind_train_step(
+      trainer.train_step, config, model, tx=tx, batch_size=batch_size,
       batch_sharding=sharding.batch_sharded(mesh))), donate_argnums=0, out_shardings=replicated)
   with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
     state, _ = jax.block_until_ready(run(state, dataset, order, np.int32(0), np.int32(steps)))  # compile, warm up
