@@ -9,7 +9,6 @@ fused (a loop of batches in one call, no dispatch cost). With --train_step it al
 step (batch making included) to show whether input could ever be the bottleneck.
 """
 
-import functools
 import os
 import sys
 import time
@@ -84,8 +83,8 @@ def main(argv):
   tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, schedule), config)
   model = precision.apply_precision(trainer.create_model(config, dataset.num_classes), config)
   state = trainer.initial_state(model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
-  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, batch_size=batch_size,
-                                   batch_sharding=batch_sharding), donate_argnums=0)
+  step = jax.jit(trainer.bind_train_step(trainer.train_step, config, model, tx=tx, batch_size=batch_size,
+                                         batch_sharding=batch_sharding), donate_argnums=0)
 
   def train():
     nonlocal state
