@@ -7,7 +7,8 @@ devices; weak scaling keeps ``config.batch_size`` per device. Each row runs the 
 (``trainer.multi_step`` over ``trainer.train_step`` bound by ``trainer.bind_train_step``: batch made on the
 device, the update, the gradient all-reduce XLA inserts for the sharded batch) for ``--steps`` steps in one
 compiled call on random CIFAR-sized data, after a warm-up call of the same length. The scaling factor is images/s
-on N devices over images/s on one, measured in the same run. Prints a Markdown table and writes the rows as JSON lines to ``--out``.
+on N devices over images/s on one, measured in the same run. Prints a Markdown table and writes the rows as JSON
+lines to ``--out``.
 """
 
 import json

@@ -5,11 +5,11 @@ DCLR; the step traced with and without the search code, ``jint8.optim.search_con
 ``int8-one-trace`` (as ``int8`` in a single trace: every step launches the search kernels, disabled in between),
 ``int8-search`` (the DSGC search on every step) and ``int8-stored`` (as ``int8``, with the activation clip
 searched every ``period`` steps and stored instead of a max-abs reduction per step: ``input_clip="stored"``).
-The table's header names ``XLA_FLAGS`` when set. Synthetic data; SGD with momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the
-ratio to bf16 and the compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON
-under ``--out``. With
-``--profile`` it also traces 5 steps of each row and tabulates the device time by kernel category
-(``kernel_profile.py``: int8 kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
+The table's header names ``XLA_FLAGS`` when set. Synthetic data; SGD with momentum; BN in the model's dtype.
+Prints a table (median images/s over ``--steps`` steps after warm-up, the ratio to bf16 and the compiled step's
+memory from XLA's memory analysis) and writes it as markdown and JSON under ``--out``. With ``--profile`` it also
+traces 5 steps of each row and tabulates the device time by kernel category (``kernel_profile.py``: int8
+kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
 
   python bench/train_step.py --models resnet50,resnet20,mobilenet_v2 --backend pallas [--profile] --out $OUT
 """
