@@ -130,7 +130,7 @@ class XlaBackend:
     return quant.quantize(x, clip)
 
   def search_clip(self, x, clip, search, *, ratios, refine):
-    return lax.cond(jnp.logical_or(search > 0, clip <= 0), lambda: quant.dsgc_search(x, ratios, refine).clip,
+    return lax.cond(quant.needs_search(search, clip), lambda: quant.dsgc_search(x, ratios, refine).clip,
                     lambda: quant.safe_clip(clip))
 
   def quantize_gradient(self, g, clip, key, *, stochastic):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from jint8 import quant
 from jint8.nn import STATE_COLLECTION, Int8Config, Int8Model
 
 # The scalars each int8 op module keeps in STATE_COLLECTION (docs/design.md, "Quantization state").
@@ -278,16 +279,11 @@ def int8_optimizer(inner: optax.GradientTransformation, *, period: int = 100, al
 
 
 def needs_search(int8_state: Any, config: Int8Config) -> jax.Array:
-  """True when the next step must run the DSGC search code: some layer's ``search`` flag is set, or some layer
-  has no stored clip yet where ``config`` uses one (``grad_clip`` with DSGC, ``input_clip`` when stored)."""
+  """True when the next step must run the DSGC search code: a clip that ``config`` searches (``grad_clip`` with
+  DSGC, ``input_clip`` when stored) needs a search in some layer (``quant.needs_search``)."""
   ops, _, _ = _op_states(int8_state, STATE_COLLECTION)
-  flags = []
-  for fields in ops.values():
-    flags.append(fields['search'] > 0)
-    if config.dsgc:
-      flags.append(fields['grad_clip'] <= 0)
-    if config.input_clip == 'stored':
-      flags.append(fields['input_clip'] <= 0)
+  searched = (['grad_clip'] if config.dsgc else []) + (['input_clip'] if config.input_clip == 'stored' else [])
+  flags = [quant.needs_search(fields['search'], fields[clip]) for fields in ops.values() for clip in searched]
   return jnp.any(jnp.stack(flags)) if flags else jnp.asarray(False)
 
 

@@ -26,6 +26,11 @@ def safe_clip(clip: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(clip) & (clip > MIN_CLIP), clip, MIN_CLIP)
 
 
+def needs_search(search: jax.Array, clip: jax.Array) -> jax.Array:
+  """Whether a layer's clip must be searched with DSGC: its ``search`` flag is set or it has no clip yet."""
+  return jnp.logical_or(search > 0, clip <= 0)
+
+
 def _broadcast_clip(clip: jax.Array, ndim: int, axis: int | None) -> jax.Array:
   clip = safe_clip(clip)
   if axis is None:

@@ -224,7 +224,7 @@ def bind_train_step(train_step: Callable[..., tuple[Any, dict[str, Any]]], confi
   """``train_step(state, *args, model=model, **kwargs)`` as ``step(state, *args)``; for int8 with
   ``config.int8.separate_search_trace``, through ``jint8.optim.search_cond`` (the model without its search
   code on the steps between two DSGC searches)."""
-  if config.precision != 'int8' or not config.int8.separate_search_trace:
+  if not config.int8.separate_search_trace:  # (search_cond runs a float model as it is)
     return functools.partial(train_step, model=model, **kwargs)
 
   def step(state, *args):

@@ -130,9 +130,9 @@ class PallasBackend:
   def search_clip(self, x, clip, search, *, ratios, refine):
     # The search passes are switched off inside the kernels rather than by lax.cond, whose predicate XLA on
     # GPUs reads back to the host, once per layer and step.
-    needs_search = jnp.logical_or(search > 0, clip <= 0)
-    searched = clip_scores.dsgc_search(x, ratios, refine, interpret=self._interpret(), enabled=needs_search).clip
-    return jnp.where(needs_search, searched, quant.safe_clip(clip))
+    search = quant.needs_search(search, clip)
+    searched = clip_scores.dsgc_search(x, ratios, refine, interpret=self._interpret(), enabled=search).clip
+    return jnp.where(search, searched, quant.safe_clip(clip))
 
   def quantize_gradient(self, g, clip, key, *, stochastic):
     interpret = self._interpret()

@@ -38,12 +38,14 @@ def map_batch(fn: Callable, batched: tuple, replicated: tuple = (), *, sum_outpu
   batch-leading (shards concatenated along the first axis) or, with ``sum_outputs``, summed over the devices.
   ``with_shard_index`` also passes ``shard_index``, the device's position along the batch (0 on one device).
   """
-  index = {'shard_index': 0} if with_shard_index else {}
+  def call(args, shard_index):
+    return fn(*args, **({'shard_index': shard_index} if with_shard_index else {}))
+
   if shards(batched[0].shape[0] if batched[0].ndim else 1) == 1:
-    return fn(*batched, *replicated, **index)
+    return call((*batched, *replicated), 0)
 
   def local(*args):
-    out = fn(*args, **({'shard_index': lax.axis_index(DATA_AXIS)} if with_shard_index else {}))
+    out = call(args, lax.axis_index(DATA_AXIS))
     return jax.tree.map(lambda x: lax.psum(x, DATA_AXIS), out) if sum_outputs else out
 
   specs = (PartitionSpec(DATA_AXIS),) * len(batched) + (PartitionSpec(),) * len(replicated)
