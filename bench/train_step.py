@@ -5,11 +5,12 @@ DCLR; the step traced with and without the search code, ``jint8.optim.search_con
 ``int8-one-trace`` (as ``int8`` in a single trace: every step launches the search kernels, disabled in between),
 ``int8-search`` (the DSGC search on every step) and ``int8-stored`` (as ``int8``, with the activation clip
 searched every ``period`` steps and stored instead of a max-abs reduction per step: ``input_clip="stored"``).
-The table's header names ``XLA_FLAGS`` when set. Synthetic data; SGD with momentum; BN in the model's dtype.
-Prints a table (median images/s over ``--steps`` steps after warm-up, the ratio to bf16 and the compiled step's
-memory from XLA's memory analysis) and writes it as markdown and JSON under ``--out``. With ``--profile`` it also
-traces 5 steps of each row and tabulates the device time by kernel category (``kernel_profile.py``: int8
-kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
+The table's header names ``XLA_FLAGS`` when set. The modes of one model compile at once on
+``--compile_workers`` threads, then run one after another on an otherwise idle device. Synthetic data; SGD with
+momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the
+ratio to bf16 and the compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON under
+``--out``. With ``--profile`` it also traces 5 steps of each row and tabulates the device time by kernel
+category (``kernel_profile.py``: int8 kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
 
   python bench/train_step.py --models resnet50,resnet20,mobilenet_v2 --backend pallas [--profile] --out $OUT
 """
@@ -17,6 +18,7 @@ kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -85,12 +87,38 @@ def build_step(model_name: str, mode: str, backend: str, period: int):
   return step, (tree, opt_state, batch_stats, images, labels), batch
 
 
-def measure(model_name: str, mode: str, backend: str, period: int, steps: int, warmup: int,
-            profile_dir: pathlib.Path | None = None) -> dict:
-  step, args, batch = build_step(model_name, mode, backend, period)
+def compile_steps(model_name: str, modes: list[str], backend: str, period: int, workers: int) -> dict:
+  """Builds and lowers each mode's step, then compiles them on ``workers`` threads (XLA compiles without the GIL).
+
+  Returns mode -> (compiled step, arguments, batch, seconds from the first compile to this one's end), or mode ->
+  the exception that building or compiling it raised.
+  """
+  lowered, result = {}, {}
+  for mode in modes:
+    try:
+      step, args, batch = build_step(model_name, mode, backend, period)
+      lowered[mode] = (step.lower(*args), args, batch)
+    except Exception as e:  # reported in the table; the other modes still run
+      result[mode] = e
   t0 = time.perf_counter()
-  compiled = step.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
+
+  def compile_one(mode):
+    compiled = lowered[mode][0].compile()
+    return compiled, time.perf_counter() - t0
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    futures = {mode: pool.submit(compile_one, mode) for mode in lowered}
+    for mode, future in futures.items():
+      try:
+        compiled, seconds = future.result()
+        result[mode] = (compiled, lowered[mode][1], lowered[mode][2], seconds)
+      except Exception as e:
+        result[mode] = e
+  return result
+
+
+def measure(model_name: str, mode: str, compiled, args, batch: int, steps: int, warmup: int,
+            profile_dir: pathlib.Path | None = None) -> dict:
   memory = compiled.memory_analysis()
   peak = None
   if memory is not None:
@@ -109,7 +137,7 @@ def measure(model_name: str, mode: str, backend: str, period: int, steps: int, w
   median = statistics.median(times)
   row = {'model': model_name, 'mode': mode, 'batch': batch, 'images_per_s': batch / median,
          'step_ms': median * 1e3, 'spread_ms': (max(times) - min(times)) * 1e3,
-         'peak_bytes': peak, 'compile_s': compile_s, 'loss': float(loss)}
+         'peak_bytes': peak, 'loss': float(loss)}
   if profile_dir is not None:
 
     def run():
@@ -130,6 +158,8 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--out', default='bench/results')
+  parser.add_argument('--compile_workers', type=int, default=len(MODES),
+                      help='modes of one model compiled at once (1: one after another)')
   parser.add_argument('--profile', action='store_true', help='trace 5 steps per row: device time by kernel kind')
   args = parser.parse_args()
   for name in args.models.split(','):
@@ -140,11 +170,17 @@ def main():
       parser.error(f'unknown mode {mode!r}; choose from {", ".join(MODES)}')
 
   rows = []
+  modes = args.modes.split(',')
   for name in args.models.split(','):
-    for mode in args.modes.split(','):
+    built = compile_steps(name, modes, args.backend, args.period, args.compile_workers)
+    for mode in modes:  # timed one after another, after every compilation of this model has ended
       try:
-        row = measure(name, mode, args.backend, args.period, args.steps, args.warmup,
+        if isinstance(built[mode], Exception):
+          raise built[mode]
+        compiled, step_args, batch, compile_s = built.pop(mode)
+        row = measure(name, mode, compiled, step_args, batch, args.steps, args.warmup,
                       pathlib.Path(args.out) / 'traces' if args.profile else None)
+        row['compile_s'] = compile_s
       except Exception as e:  # a failing configuration is reported in the table, the others still run
         row = {'model': name, 'mode': mode, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
       rows.append(row)
@@ -154,19 +190,20 @@ def main():
   header = (f'train step, {device}, JAX {jax.__version__}, backend {args.backend}, '
             f'{datetime.date.today().isoformat()}, median of {args.steps} steps'
             + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get('XLA_FLAGS') else ''))
-  lines = [header, '', '| model | mode | batch | img/s | vs bf16 | step ms | peak memory GiB | vs bf16 |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [header, '', '| model | mode | batch | img/s | vs bf16 | step ms | peak memory GiB | vs bf16 '
+           '| compiled after s |',
+           '|---|---|---|---|---|---|---|---|---|']
   base = {r['model']: r for r in rows if r['mode'] == 'bf16' and 'error' not in r}
   for r in rows:
     if 'error' in r:
-      lines.append(f"| {r['model']} | {r['mode']} | | failed: {r['error'][:120]} | | | | |")
+      lines.append(f"| {r['model']} | {r['mode']} | | failed: {r['error'][:120]} | | | | | |")
       continue
     b = base.get(r['model'])
     speed = f"{r['images_per_s'] / b['images_per_s']:.2f}x" if b else ''
     mem = f"{r['peak_bytes'] / b['peak_bytes']:.2f}x" if b and r['peak_bytes'] and b['peak_bytes'] else ''
     peak = f"{r['peak_bytes'] / 2**30:.1f}" if r['peak_bytes'] else ''
     lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['images_per_s']:.0f} | {speed} | "
-                 f"{r['step_ms']:.1f} | {peak} | {mem} |")
+                 f"{r['step_ms']:.1f} | {peak} | {mem} | {r['compile_s']:.0f} |")
   profiles = {f"{r['model']} {r['mode']}": r['profile_us'] for r in rows if 'profile_us' in r}
   if profiles:
     lines += ['', 'Device time per step by kernel category (5 traced steps):', '',
