@@ -36,7 +36,8 @@ class Int8Config:
       ``min_ratio``.
     refine: clips scored in a second pass between the best candidate's neighbours (0: none).
     input_clip: ``"maxabs"`` clips activations at their max-abs each step; ``"stored"`` searches the clip
-      with DSGC on search steps and reuses it in between (values beyond it saturate).
+      with DSGC on search steps and reuses it in between (values beyond it saturate; experimental: it has not
+      trained a model, and bench/RESULTS.md saw its loss rise on synthetic data where ``"maxabs"``'s did not).
     searches: ``False`` traces a step between two searches: every layer uses its stored clips whatever its
       ``search`` flag says, and no search code is traced (fewer kernels per layer). Only for layers that have
       clips already; ``jint8.optim.needs_search`` tells when a step must be traced with ``True``.
