@@ -42,6 +42,8 @@ def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | N
   """The final and best evaluated ``metric``, the steps, the minutes of training (``None`` without the run's
   ``config``), the non-finite gradient events and the largest per-layer gradient deviation of the run in
   ``workdir``."""
+  if not (workdir / metrics.METRICS_FILE).is_file():
+    raise ValueError(f'{workdir}: not a run folder (no {metrics.METRICS_FILE} in it)')
   records = metrics.read_records(workdir)
   tests = metrics.evaluation_records(records, metric)
   if not tests:

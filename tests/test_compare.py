@@ -44,7 +44,15 @@ def test_a_run_without_the_metric_is_named(tmp_path, rng):
   with pytest.raises(ValueError, match=r"run: no evaluation record with 'mAP50'"):
     compare.table([tmp_path / 'run'], 'mAP50')
   with pytest.raises(SystemExit, match='no evaluation record'):
-    compare.main([str(tmp_path / 'missing')])
+    compare.main([str(tmp_path / 'run'), '--metric', 'mAP50'])
+
+
+def test_a_path_that_is_not_a_run_folder_is_named(tmp_path, rng):
+  _write_run(tmp_path / 'run', rng.uniform(size=2), rng.uniform(size=2), seed=0)
+  (tmp_path / 'run.log').write_text('train: ...\n')
+  for path in (tmp_path / 'missing', tmp_path / 'run.log'):
+    with pytest.raises(SystemExit, match=rf'{path.name}: not a run folder \(no metrics.jsonl'):
+      compare.main([str(tmp_path / 'run'), str(path)])
 
 
 def test_detection_runs_are_compared_on_their_validation_split(tmp_path, rng):
