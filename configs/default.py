@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.int8.compute_dtype = 'float32'  # around the int8 convs (BN, ReLU, float layers): or 'bfloat16' (faster)
   config.int8.keep_first_conv_float = True
   config.int8.keep_dense_float = True
+  config.int8.keep_depthwise_float = False  # True: depthwise convs (MobileNetV2) stay float (bench/RESULTS.md)
   config.int8.float_layers = ()  # regexes on layer paths ("stage1/block0/Conv_1") that stay float
 
   config.optimizer = ml_collections.ConfigDict()

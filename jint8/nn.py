@@ -83,12 +83,15 @@ class Int8Policy:
   Attributes:
     keep_first_conv_float: the first conv called stays float (as in the paper).
     keep_dense_float: ``nn.Dense`` layers (a CNN's classifier) stay float.
+    keep_depthwise_float: depthwise convs (one group per input channel, as in MobileNetV2) stay float: they
+      are memory-bound, and the int8 depthwise kernels run at 0.3-0.8x bf16's speed (bench/RESULTS.md).
     float_layers: regular expressions; a layer whose path inside the wrapped model (``"stage1/block0/Conv_1"``)
       matches one stays float.
   """
 
   keep_first_conv_float: bool = True
   keep_dense_float: bool = True
+  keep_depthwise_float: bool = False
   float_layers: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -121,7 +124,9 @@ class Int8Model(nn.Module):
         attribute, op = 'conv_general_dilated_cls', Int8ConvGeneralDilated
         is_first = not first_conv_seen
         first_conv_seen.append(module.path)
-        keep = (self.policy.keep_first_conv_float and is_first) or module.conv_general_dilated is not None
+        depthwise = 1 < module.feature_group_count == call_args[0].shape[-1]
+        keep = ((self.policy.keep_first_conv_float and is_first) or (self.policy.keep_depthwise_float and depthwise)
+                or module.conv_general_dilated is not None)
       elif isinstance(module, nn.Dense):
         attribute, op = 'dot_general_cls', Int8DotGeneral
         keep = self.policy.keep_dense_float or module.dot_general is not None

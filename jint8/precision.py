@@ -5,7 +5,7 @@
 ``jint8.optim.int8_optimizer``:
 
   backend, dsgc, stochastic_rounding, num_candidates, min_ratio, refine, input_clip   -> Int8Config
-  keep_first_conv_float, keep_dense_float, float_layers                               -> Int8Policy
+  keep_first_conv_float, keep_dense_float, keep_depthwise_float, float_layers         -> Int8Policy
   period, dclr, alpha, beta, skip_nonfinite                                           -> int8_optimizer
   separate_search_trace                                          -> the trainers' steps (``bind_train_step``)
 """
@@ -82,7 +82,7 @@ def int8_policy(config: Any) -> Int8Policy:
   c = config.int8
   try:
     return Int8Policy(keep_first_conv_float=c.keep_first_conv_float, keep_dense_float=c.keep_dense_float,
-                      float_layers=tuple(c.float_layers))
+                      keep_depthwise_float=c.keep_depthwise_float, float_layers=tuple(c.float_layers))
   except ValueError as e:
     raise ValueError(f'config.int8: {e}') from None
 

@@ -165,6 +165,24 @@ def test_mobilenet_v2_convs_are_depthwise():
   assert len(depthwise_kernels) == 17
 
 
+def test_config_keeps_the_depthwise_convs_of_mobilenet_v2_float():
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from jint8 import nn as jnn, precision  # pylint: disable=import-outside-toplevel
+
+  config = default.get_config()
+  config.precision = 'int8'
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  int8_convs = {}
+  for keep in (False, True):
+    config.int8.keep_depthwise_float = keep
+    model = precision.apply_precision(MobileNetV2(num_classes=10), config)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), _KEY, x)
+    state = traverse_util.flatten_dict(shapes[jnn.STATE_COLLECTION])
+    int8_convs[keep] = sum(path[-1] == 'grad_clip' for path in state)
+  # 52 convs: the stem (float), 17 depthwise, 16 expansions, 17 projections, the last 1x1.
+  assert int8_convs == {False: 51, True: 34}
+
+
 @pytest.mark.parametrize('depth, channels', [(18, (128, 256, 512)), (50, (512, 1024, 2048))])
 def test_backbone_feature_strides(depth, channels):
   x = jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32)

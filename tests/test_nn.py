@@ -42,6 +42,10 @@ def test_int8_model_policy_options(rng):
   no_depthwise = jnn.Int8Policy(float_layers=('^depth',))
   variables = jnn.Int8Model(SmallCNN(), policy=no_depthwise).init(jax.random.PRNGKey(0), x)
   assert _int8_layers(variables) == {'model/Conv_0'}
+  # Conv_0 has 2 groups of 4 input channels: grouped, not depthwise; it stays int8.
+  float_depthwise = jnn.Int8Policy(keep_depthwise_float=True)
+  variables = jnn.Int8Model(SmallCNN(), policy=float_depthwise).init(jax.random.PRNGKey(0), x)
+  assert _int8_layers(variables) == {'model/Conv_0'}
   with pytest.raises(ValueError, match='bad regular expression'):
     jnn.Int8Policy(float_layers=('(',))
 
