@@ -124,7 +124,8 @@ class Int8Model(nn.Module):
         attribute, op = 'conv_general_dilated_cls', Int8ConvGeneralDilated
         is_first = not first_conv_seen
         first_conv_seen.append(module.path)
-        depthwise = 1 < module.feature_group_count == call_args[0].shape[-1]
+        inputs = call_args[0] if call_args else call_kwargs['inputs']
+        depthwise = 1 < module.feature_group_count == inputs.shape[-1]
         keep = ((self.policy.keep_first_conv_float and is_first) or (self.policy.keep_depthwise_float and depthwise)
                 or module.conv_general_dilated is not None)
       elif isinstance(module, nn.Dense):

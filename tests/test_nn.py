@@ -17,7 +17,7 @@ class SmallCNN(nn.Module):
   def __call__(self, x, train: bool = True):
     x = nn.relu(nn.Conv(8, (3, 3), name='stem')(x))
     x = nn.relu(nn.Conv(8, (3, 3), strides=2, feature_group_count=2)(x))
-    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8, name='depthwise')(x))
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8, name='depthwise')(inputs=x))
     return nn.Dense(10, name='classifier')(x.mean((1, 2)))
 
 
