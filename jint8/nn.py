@@ -102,6 +102,11 @@ class Int8Policy:
         raise ValueError(f'Int8Policy.float_layers: bad regular expression {pattern!r}: {e}') from None
 
 
+def _is_depthwise(conv: nn.Conv, call_args, call_kwargs) -> bool:
+  inputs = call_args[0] if call_args else call_kwargs['inputs']
+  return 1 < conv.feature_group_count == inputs.shape[-1]
+
+
 class Int8Model(nn.Module):
   """Runs ``model`` with its ``nn.Conv`` and ``nn.Dense`` layers made int8 (per ``policy``).
 
@@ -124,10 +129,8 @@ class Int8Model(nn.Module):
         attribute, op = 'conv_general_dilated_cls', Int8ConvGeneralDilated
         is_first = not first_conv_seen
         first_conv_seen.append(module.path)
-        inputs = call_args[0] if call_args else call_kwargs['inputs']
-        depthwise = 1 < module.feature_group_count == inputs.shape[-1]
-        keep = ((self.policy.keep_first_conv_float and is_first) or (self.policy.keep_depthwise_float and depthwise)
-                or module.conv_general_dilated is not None)
+        keep = ((self.policy.keep_first_conv_float and is_first) or module.conv_general_dilated is not None
+                or (self.policy.keep_depthwise_float and _is_depthwise(module, call_args, call_kwargs)))
       elif isinstance(module, nn.Dense):
         attribute, op = 'dot_general_cls', Int8DotGeneral
         keep = self.policy.keep_dense_float or module.dot_general is not None
