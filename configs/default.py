@@ -71,5 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0: once per epoch (and always at the end)
   config.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
   config.keep_checkpoints = 3
+  # Stop with an error when the logged training loss has been back near its first value for this many logs in a
+  # row after falling below half of it (jint8.divergence; 0: never)
+  config.divergence_patience = 5
   config.seed = 0
   return config

@@ -122,8 +122,8 @@ MAX_LEGEND_LAYERS = 20  # plot_layers names up to this many layers in a legend
 
 
 def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
-                stats: tuple[str, ...] = ('grad_deviation', 'grad_clip')) -> bool:
-  """One PNG with a panel per statistic in ``stats``, a line per layer over training.
+                stats: tuple[str, ...] = ('grad_deviation', 'grad_clip', 'input_clip')) -> bool:
+  """One PNG with a panel per statistic in ``stats``, a line per layer over training (clips on a log scale).
 
   Returns ``False`` (and writes nothing) when no record holds per-layer statistics (a float run).
   """
@@ -136,7 +136,7 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
   layers = list(dict.fromkeys(name for r in records for name in r['layers']))
   cmap = plt.get_cmap('viridis')
   colors = cmap(np.linspace(0, 1, len(layers)))
-  fig, axes = plt.subplots(1, len(stats), figsize=(7 * len(stats), 4.5), squeeze=False, constrained_layout=True)
+  fig, axes = plt.subplots(1, len(stats), figsize=(6 * len(stats), 4.5), squeeze=False, constrained_layout=True)
   for ax, stat in zip(axes[0], stats):
     for color, layer in zip(colors, layers):
       points = [(r['step'], r['layers'][layer][stat]) for r in records
@@ -145,7 +145,7 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
         ax.plot(*zip(*points), color=color, label=layer, linewidth=1)
     ax.set_title(f'{stat} per layer (first layer dark, last light)')
     ax.set_xlabel('step')
-    if stat == 'grad_clip':
+    if stat.endswith('_clip'):
       ax.set_yscale('log')
     ax.grid(alpha=0.3)
   if len(layers) <= MAX_LEGEND_LAYERS:

@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jint8 import checkpointing, input_pipeline, metrics, models, optim, optimizers, precision, progress, sharding
+from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optim, optimizers, precision, progress,
+                   sharding)
 from jint8.nn import STATE_COLLECTION, layer_stats, record_layer_order
 
 # Streams of randomness derived from config.seed with jax.random.fold_in.
@@ -63,7 +64,7 @@ def validate_config(config: Any) -> None:
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
     if config[key] < 1:
       raise ValueError(f'config.{key} must be >= 1, got {config[key]}')
-  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps'):
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps', 'divergence_patience'):
     if config[key] < 0:
       raise ValueError(f'config.{key} must be >= 0, got {config[key]}')
   for key in ('max_train_examples', 'max_test_examples'):
@@ -355,9 +356,17 @@ def restore_or_initialize(workdir: pathlib.Path, config: Any, init_args: tuple, 
   return checkpointer, state, epoch, index, layer_order
 
 
+def make_divergence_check(config: Any, workdir: pathlib.Path, step: int) -> divergence.DivergenceCheck:
+  """``config.divergence_patience``'s check, given the training losses that ``workdir`` logged up to ``step``."""
+  history = [(r['step'], r['loss']) for r in metrics.read_records(workdir)
+             if r['split'] == 'train' and r['step'] <= step and 'loss' in r]
+  return divergence.DivergenceCheck(config.divergence_patience, history)
+
+
 def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
                config: Any, schedule, writer: metrics.MetricWriter, checkpointer, bar: progress.Progress,
-               evaluate, show: tuple[str, ...], layer_order: Sequence[str] = ()):
+               evaluate, show: tuple[str, ...], layer_order: Sequence[str] = (),
+               divergence_check: divergence.DivergenceCheck | None = None):
   """Runs ``loop.train_steps`` (``multi_step``) from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
 
   Logs every ``config.log_every_steps`` (per-layer statistics in ``layer_order``), calls ``evaluate(state,
@@ -365,6 +374,10 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
   once per epoch), all three also at the end; the steps between two of these events (or an epoch's end) run as
   one compiled loop. ``show`` names the logged scalars shown on the progress bar. Returns the state and the last
   ``evaluate`` result.
+
+  Raises:
+    divergence.TrainingDiverged: ``divergence_check`` saw the logged training loss return to its starting level
+      (pending checkpoints are written first).
   """
   step, epoch, index = start
   log_every = config.log_every_steps
@@ -392,6 +405,12 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
       bar.show({k: record[k] for k in show})
       bar.write(format_record(step, num_steps, 'train', record))
       pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
+      if divergence_check is not None:
+        try:
+          divergence_check.update(step, record['loss'])
+        except divergence.TrainingDiverged:
+          checkpointer.wait()
+          raise
     evaluate_now = step % eval_every == 0 or step == num_steps
     save = step % checkpoint_every == 0 or step == num_steps
     if evaluate_now or save:
@@ -457,7 +476,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Mo
     state, final = train_loop(state, loop, dataset, start=(step, epoch, index), num_steps=num_steps,
                               steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
                               checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss', 'accuracy'),
-                              layer_order=layer_order)
+                              layer_order=layer_order, divergence_check=make_divergence_check(config, workdir, step))
     bar.close()
     final = {k: final[k] for k in ('loss', 'accuracy')}
     checkpointer.close()

@@ -24,7 +24,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jint8 import checkpointing, metrics, models, optimizers, precision, sharding, trainer
+from jint8 import checkpointing, divergence, metrics, models, optimizers, precision, progress, sharding, trainer
 from jint8.nn import STATE_COLLECTION, Int8Model
 from test_datasets import cifar_subset  # noqa: F401  (session fixture)
 
@@ -400,3 +400,52 @@ def test_summarize_train_lists_layers_in_the_given_order(rng):
   assert list(trainer.summarize_train([record])[1]) == ['a', 'b']  # no order given: by name
   assert list(trainer.summarize_train([record], ['b', 'a'])[1]) == ['b', 'a']
   assert list(trainer.summarize_train([record], ['b'])[1]) == ['b', 'a']  # unlisted layers follow, by name
+
+
+class _ToyLoop:
+  """The train steps of ``_toy_step`` over a fixed sequence of per-step losses, in order."""
+
+  def __init__(self):
+    self.train_steps = jax.jit(trainer.multi_step(_toy_step))
+
+  def order(self, state, epoch):
+    del state, epoch
+    return jnp.arange(40, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize('patience', [3, 0])
+def test_train_loop_stops_a_run_whose_loss_returns_to_its_start(rng, tmp_path, patience):
+  # per-step losses: 2.3 for 8 steps, then falling to about 0.5, then back at 2.3 from step 24 on
+  losses = np.concatenate([np.full(8, 2.3), np.geomspace(1.5, 0.5, 15), np.full(17, 2.3)])
+  losses *= np.exp(rng.normal(0, 0.02, losses.size))
+  dataset = jnp.asarray(losses, jnp.float32)
+  config = _config(log_every_steps=4, eval_every_steps=0, checkpoint_every_steps=4, batch_size=1,
+                   divergence_patience=patience)
+  writer = metrics.MetricWriter(tmp_path)
+  checkpointer = checkpointing.Checkpointer(tmp_path / 'checkpoints')
+  kwargs = dict(start=(0, 0, 0), num_steps=40, steps_per_epoch=40, config=config, schedule=lambda step: 0.1,
+                writer=writer, checkpointer=checkpointer, bar=progress.Progress(40, enabled=False),
+                evaluate=lambda state, step: {}, show=('loss',),
+                divergence_check=trainer.make_divergence_check(config, tmp_path, 0))
+  if patience:
+    with pytest.raises(divergence.TrainingDiverged, match='steps 28-36'):
+      trainer.train_loop(jnp.float32(0.0), _ToyLoop(), dataset, **kwargs)
+    assert checkpointer.latest_step() == 32  # the last one before the error, written in full
+    assert [r['step'] for r in metrics.read_records(tmp_path)][-1] == 36
+  else:
+    state, _ = trainer.train_loop(jnp.float32(0.0), _ToyLoop(), dataset, **kwargs)
+    np.testing.assert_allclose(state, losses.sum(), rtol=1e-5)
+  checkpointer.close()
+  writer.close()
+
+
+def test_a_resumed_run_is_checked_with_the_losses_it_logged_before(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  for step, loss in ((100, 2.3), (200, 0.6), (300, 2.3), (400, 9.0)):
+    writer.write(step, 'train', {'loss': loss})
+  writer.write(200, 'test', {'loss': 9.0, 'accuracy': 0.1})
+  writer.close()
+  check = trainer.make_divergence_check(_config(divergence_patience=2), tmp_path, 300)
+  assert check.history == [(100, 2.3), (200, 0.6), (300, 2.3)]  # train logs up to the resume step
+  with pytest.raises(divergence.TrainingDiverged):
+    check.update(400, 2.4)

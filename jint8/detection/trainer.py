@@ -23,8 +23,8 @@ from flax import linen as nn
 from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
-from jint8.trainer import (TrainState, bind_train_step, format_record, gradient_step, multi_step, restore_or_initialize,
-                           run_length, train_loop, with_layer_stats)
+from jint8.trainer import (TrainState, bind_train_step, format_record, gradient_step, make_divergence_check, multi_step,
+                           restore_or_initialize, run_length, train_loop, with_layer_stats)
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -43,7 +43,8 @@ def validate_config(config: Any) -> None:
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
     if config[key] < 1:
       raise ValueError(f'config.{key} must be >= 1, got {config[key]}')
-  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps', 'num_visualize'):
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps', 'num_visualize',
+              'divergence_patience'):
     if config[key] < 0:
       raise ValueError(f'config.{key} must be >= 0, got {config[key]}')
   if not config.num_train_steps and config.num_epochs < 1:
@@ -236,7 +237,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
     state, last = train_loop(state, loop, train, start=(step, epoch, index), num_steps=num_steps,
                              steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
                              checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss',),
-                             layer_order=layer_order)
+                             layer_order=layer_order, divergence_check=make_divergence_check(config, workdir, step))
     final, detections = last if last is not None else (None, None)
     bar.close()
     if final is None:  # resumed from a finished run
