@@ -1,6 +1,6 @@
 """Stops a run whose training loss climbs back to where it started.
 
-An int8 MobileNetV2 run on CIFAR-10 (docs/results.md, "MobileNetV2, 100 epochs") trained normally for 8 epochs,
+An int8 MobileNetV2 run on CIFAR-10 (docs/results.md, "MobileNetV2, the 100-epoch recipe") trained normally for 8 epochs,
 then its loss rose back to chance level and stayed there for the remaining 80 epochs: no gradient was
 non-finite, so nothing else stopped it. ``DivergenceCheck`` ends such a run with a ``TrainingDiverged`` error
 naming the steps, instead of letting it spend its remaining time at chance.
@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-# Diverged: back within this fraction of the way from the best logged loss to the first one.
+DEFAULT_PATIENCE = 5  # the default of config.divergence_patience (configs/default.py)
+# Diverged: back at least this fraction of the way from the best logged loss to the first one.
 RETURN_FRACTION = 0.9
 # Only a run whose loss once fell below this fraction of its first logged value can diverge.
 PROGRESS_FRACTION = 0.5
@@ -43,6 +44,12 @@ def divergence(history: list[tuple[int, float]], patience: int) -> str | None:
           f'logged value {first:.4g}, after falling to {best:.4g} at step {best_step}. The checkpoints saved '
           f'after step {best_step} hold the diverged model. Try a lower learning rate (docs/results.md has what '
           f'diverged and why); --config.divergence_patience=0 turns this check off.')
+
+
+def first_divergence(history: list[tuple[int, float]], patience: int = DEFAULT_PATIENCE) -> int | None:
+  """The step of the first log at which ``divergence`` reports on ``history``, or ``None`` (a finished run)."""
+  return next((history[n - 1][0] for n in range(patience + 1, len(history) + 1)
+               if divergence(history[:n], patience) is not None), None)
 
 
 class DivergenceCheck:

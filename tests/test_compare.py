@@ -30,13 +30,24 @@ def test_table_reports_each_run_and_the_seed_mean(tmp_path, rng):
   minutes = 2 * (10 * 8 / 4.0 + 10 * 8 / 16.0) / 60  # four logs of 10 steps of 8 images at 4 and 16 images/s
   for name, (accuracies, deviations) in runs.items():
     assert (f'| {name} | 40 | {accuracies[-1]:.4f} | {accuracies.max():.4f} | {minutes:.1f} | 2 '
-            f'| {deviations.max():.4f} |' in text)
+            f'| {deviations.max():.4f} | - |' in text)
   finals = [runs['int8-s0'][0][-1], runs['int8-s1'][0][-1]]
   assert (f'| mean of int8-s0, int8-s1 | | {np.mean(finals):.4f} +- {statistics.stdev(finals):.4f} |'
           in text)
   assert 'mean of fp32' not in text  # a group of one run has no mean row
   compare.main([str(tmp_path / n) for n in runs] + ['--plot', str(tmp_path / 'plots' / 'cmp.png')])
   assert (tmp_path / 'plots' / 'cmp.png').stat().st_size > 0
+
+
+def test_the_table_names_the_step_where_a_run_diverged(tmp_path, rng):
+  losses = np.concatenate([np.geomspace(2.3, 0.5, 6), rng.uniform(2.28, 2.32, size=8)])  # back at the start
+  writer = metrics.MetricWriter(tmp_path / 'collapsed')
+  for i, loss in enumerate(losses):
+    writer.write(10 * (i + 1), 'train', {'loss': loss, 'images_per_second': 80.0})
+    writer.write(10 * (i + 1), 'test', {'accuracy': rng.uniform(0.1, 0.2)})
+  writer.close()
+  text = compare.table([tmp_path / 'collapsed'], 'accuracy')
+  assert text.splitlines()[-1].endswith('| step 110 |')  # the 5th log back at the start: logs 7-11
 
 
 def test_a_run_without_the_metric_is_named(tmp_path, rng):

@@ -31,6 +31,8 @@ def test_a_collapse_to_the_starting_loss_reports_after_patience_logs(rng):
   history = _history(np.concatenate([falling, at_chance]))
   reports = [n for n in range(1, len(history) + 1) if divergence.divergence(history[:n], patience=5)]
   assert reports and reports[0] == 15  # the 5th log at chance
+  assert divergence.first_divergence(history, patience=5) == history[14][0]
+  assert divergence.first_divergence(history[:14], patience=5) is None
   reason = divergence.divergence(history[:15], patience=5)
   assert 'steps 1100-1500' in reason and 'divergence_patience=0' in reason
 
