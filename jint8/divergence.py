@@ -1,8 +1,8 @@
 """Stops a run whose training loss climbs back to where it started.
 
-An int8 MobileNetV2 run on CIFAR-10 (docs/results.md, "MobileNetV2, the 100-epoch recipe") trained normally for 8 epochs,
-then its loss rose back to chance level and stayed there for the remaining 80 epochs: no gradient was
-non-finite, so nothing else stopped it. ``DivergenceCheck`` ends such a run with a ``TrainingDiverged`` error
+An int8 MobileNetV2 run on CIFAR-10 (docs/results.md, "MobileNetV2, the 100-epoch recipe") trained normally
+for 8 epochs, then its loss rose back to chance level and stayed there for the remaining 80 epochs: no gradient
+was non-finite, so nothing else stopped it. ``DivergenceCheck`` ends such a run with a ``TrainingDiverged`` error
 naming the steps, instead of letting it spend its remaining time at chance.
 """
 
