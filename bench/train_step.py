@@ -4,8 +4,10 @@ Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8 int8 convs, DSG
 DCLR; the step traced with and without the search code, ``jint8.optim.search_cond``, as the trainers do),
 ``int8-one-trace`` (as ``int8`` in a single trace: every step launches the search kernels, disabled in between),
 ``int8-search`` (the DSGC search on every step), ``int8-stored`` (as ``int8``, with the activation clip
-searched every ``period`` steps and stored instead of a max-abs reduction per step: ``input_clip="stored"``) and
-``int8-float-depthwise`` (as ``int8``, depthwise convs in bf16: ``Int8Policy(keep_depthwise_float=True)``).
+searched every ``period`` steps and stored instead of a max-abs reduction per step: ``input_clip="stored"``),
+``int8-float-depthwise`` (as ``int8``, depthwise convs in bf16: ``Int8Policy(keep_depthwise_float=True)``) and
+``int8-depthwise-channel-clips`` (as ``int8``, depthwise weights with a clip per channel:
+``Int8Config(depthwise_channel_clips=True)``).
 The table's header names ``XLA_FLAGS`` when set. The modes of one model compile at once on
 ``--compile_workers`` threads, then run one after another on an otherwise idle device. Synthetic data; SGD with
 momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the
@@ -39,14 +41,16 @@ from jint8 import models
 # model -> (image size, batch size, classes)
 SHAPES = {'resnet50': (224, 256, 1000), 'resnet18': (224, 256, 1000), 'resnet20': (32, 512, 10),
           'mobilenet_v2': (32, 512, 10)}
-MODES = ('bf16', 'int8', 'int8-one-trace', 'int8-search', 'int8-stored', 'int8-float-depthwise')
+MODES = ('bf16', 'int8', 'int8-one-trace', 'int8-search', 'int8-stored', 'int8-float-depthwise',
+         'int8-depthwise-channel-clips')
 
 
 def build_step(model_name: str, mode: str, backend: str, period: int):
   size, batch, classes = SHAPES[model_name]
   model = models.create_model(model_name, num_classes=classes, dtype=jnp.bfloat16)
   if mode != 'bf16':
-    config = jint8.nn.Int8Config(backend=backend, input_clip='stored' if mode == 'int8-stored' else 'maxabs')
+    config = jint8.nn.Int8Config(backend=backend, input_clip='stored' if mode == 'int8-stored' else 'maxabs',
+                                 depthwise_channel_clips=mode == 'int8-depthwise-channel-clips')
     policy = jint8.nn.Int8Policy(keep_depthwise_float=mode == 'int8-float-depthwise')
     model = jint8.nn.Int8Model(model, config=config, policy=policy)
   inner = optax.sgd(0.1, momentum=0.9)

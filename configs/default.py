@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.int8.refine = 8  # clips scored in a second pass around the best candidate (0: none)
   config.int8.stochastic_rounding = True
   config.int8.input_clip = 'maxabs'  # or 'stored'
+  # Depthwise convs quantize their weights with a clip per channel (exact: they never sum over channels)
+  config.int8.depthwise_channel_clips = False
   # Trace the train step twice, with the DSGC search code for search steps and without it for the steps between
   # (jint8.optim.search_cond): fewer kernels per layer on those steps, twice the compilation time.
   config.int8.separate_search_trace = True

@@ -122,8 +122,9 @@ MAX_LEGEND_LAYERS = 20  # plot_layers names up to this many layers in a legend
 
 
 def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
-                stats: tuple[str, ...] = ('grad_deviation', 'grad_clip', 'input_clip')) -> bool:
-  """One PNG with a panel per statistic in ``stats``, a line per layer over training (clips on a log scale).
+                stats: tuple[str, ...] = ('grad_deviation', 'grad_clip', 'input_clip', 'weight_levels')) -> bool:
+  """One PNG with a panel per statistic in ``stats`` that the records hold, a line per layer over training (clips
+  and weight levels on a log scale).
 
   Returns ``False`` (and writes nothing) when no record holds per-layer statistics (a float run).
   """
@@ -134,6 +135,7 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   layers = list(dict.fromkeys(name for r in records for name in r['layers']))
+  stats = [s for s in stats if any(s in r['layers'][name] for r in records for name in r['layers'])]
   cmap = plt.get_cmap('viridis')
   colors = cmap(np.linspace(0, 1, len(layers)))
   fig, axes = plt.subplots(1, len(stats), figsize=(6 * len(stats), 4.5), squeeze=False, constrained_layout=True)
@@ -145,7 +147,7 @@ def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
         ax.plot(*zip(*points), color=color, label=layer, linewidth=1)
     ax.set_title(f'{stat} per layer (first layer dark, last light)')
     ax.set_xlabel('step')
-    if stat.endswith('_clip'):
+    if stat.endswith('_clip') or stat == 'weight_levels':
       ax.set_yscale('log')
     ax.grid(alpha=0.3)
   if len(layers) <= MAX_LEGEND_LAYERS:

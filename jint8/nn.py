@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jint8 import ops
+from jint8 import ops, quant
 from jint8.ops import Int8Config, QuantState
 
 STATE_COLLECTION = 'int8_state'
@@ -170,10 +170,25 @@ def record_layer_order():
     yield order
 
 
-def layer_stats(int8_state) -> dict[str, dict[str, jax.Array]]:
-  """Per-layer ``grad_clip``, ``grad_deviation``, ``input_clip``, ``nonfinite`` keyed by the layer's path."""
+def layer_stats(int8_state, params=None) -> dict[str, dict[str, jax.Array]]:
+  """Per-layer ``grad_clip``, ``grad_deviation``, ``input_clip``, ``nonfinite`` keyed by the layer's path; with
+  ``params``, also the ``weight_levels`` of each layer's ``kernel``."""
   stats: dict[str, dict[str, jax.Array]] = {}
   for path, value in traverse_util.flatten_dict(dict(int8_state)).items():
     if path[-1] in ('grad_clip', 'grad_deviation', 'input_clip', 'nonfinite'):
       stats.setdefault('/'.join(path[:-2]), {})[path[-1]] = value
+  if params is not None:
+    kernels = {'/'.join(path[:-1]): value for path, value in traverse_util.flatten_dict(dict(params)).items()
+               if path[-1] == 'kernel'}
+    for name, layer in stats.items():
+      if name in kernels:
+        layer['weight_levels'] = weight_levels(kernels[name])
   return stats
+
+
+def weight_levels(kernel: jax.Array) -> jax.Array:
+  """The int8 levels that the output channel (last axis) of smallest max-abs keeps when the kernel is quantized
+  with one clip per tensor: ``127 * min_c max|w_c| / max|w|``. A few levels mean that channel is mostly rounding
+  (``Int8Config.depthwise_channel_clips`` gives depthwise convs a clip per channel)."""
+  per_channel = quant.max_abs(kernel, axis=-1)
+  return quant.QMAX * jnp.min(per_channel) / quant.safe_clip(jnp.max(per_channel))

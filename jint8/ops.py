@@ -35,6 +35,9 @@ class Int8Config:
     num_candidates, min_ratio: the DSGC grid, ``num_candidates`` geometric ratios of max|g| from 1 to
       ``min_ratio``.
     refine: clips scored in a second pass between the best candidate's neighbours (0: none).
+    depthwise_channel_clips: depthwise convs (one input channel per output channel) quantize their weights with a
+      max-abs clip per channel instead of one per tensor, so that a channel of small weights keeps its int8
+      levels; exact in the forward conv, dgrad and wgrad, which never sum over channels. Other layers ignore it.
     input_clip: ``"maxabs"`` clips activations at their max-abs each step; ``"stored"`` searches the clip
       with DSGC on search steps and reuses it in between (values beyond it saturate; experimental: it has not
       trained a model, and bench/RESULTS.md saw its loss rise on synthetic data where ``"maxabs"``'s did not).
@@ -50,6 +53,7 @@ class Int8Config:
   num_candidates: int = 32
   min_ratio: float = 2.0 ** -8
   refine: int = 8
+  depthwise_channel_clips: bool = False
   input_clip: str = 'maxabs'
   searches: bool = True
   seed: int = 0
@@ -90,13 +94,27 @@ def _stored_or_searched_clip(backend, x, stored, state, config):
   return backend.search_clip(x, stored, state.search, ratios=config.ratios, refine=config.refine)
 
 
-def _quantize_operands(backend, x, w, state, config):
+def _quantize_operands(backend, x, w, state, config, *, channel_clips=False):
+  """``(xq, wq, cx, cw)``; ``cw`` holds a clip per output channel (the last axis of ``w``) with ``channel_clips``."""
   if config.input_clip == 'maxabs':
     cx = quant.safe_clip(quant.max_abs(x))
   else:
     cx = _stored_or_searched_clip(backend, x, state.input_clip, state, config)
+  if channel_clips:
+    cw = quant.safe_clip(quant.max_abs(w, axis=-1))
+    return backend.quantize(x, cx), quant.quantize(w, cw, axis=-1), cx, cw
   cw = quant.safe_clip(quant.max_abs(w))
   return backend.quantize(x, cx), backend.quantize(w, cw), cx, cw
+
+
+def _times_weight_clip(product, clip, cw, out_dtype):
+  """``product(scale, dtype)`` (an integer product times ``scale``) dequantized by the other operand's ``clip`` and
+  the weight clip ``cw``: the kernel's scale when ``cw`` is per tensor; per channel, the same scales multiply the
+  channels of the integer product (as float32) outside the kernel."""
+  scale = clip * cw * _INV_QMAX2
+  if cw.ndim == 0:
+    return product(scale, out_dtype)
+  return (product(jnp.ones((), jnp.float32), jnp.float32) * scale).astype(out_dtype)
 
 
 def _quantize_gradient(backend, g, state, key, config):
@@ -129,8 +147,11 @@ def _nan_unless(finite, x, dtype):
 
 def _conv_fwd(lhs, rhs, state, key, geometry, config):
   backend = get_backend(config.backend)
-  xq, wq, cx, cw = _quantize_operands(backend, lhs, rhs, state, config)
-  y = backend.conv(xq, wq, geometry, cx * cw * _INV_QMAX2, out_dtype=lhs.dtype)
+  depthwise = rhs.shape[-2] == 1 and rhs.shape[-1] == geometry.feature_group_count  # channel multiplier 1
+  channel_clips = config.depthwise_channel_clips and depthwise
+  xq, wq, cx, cw = _quantize_operands(backend, lhs, rhs, state, config, channel_clips=channel_clips)
+  y = _times_weight_clip(lambda scale, dtype: backend.conv(xq, wq, geometry, scale, out_dtype=dtype),
+                         cx, cw, lhs.dtype)
   return y, (xq, wq, cx, cw, state, key, _dtype_token(lhs), _dtype_token(rhs))
 
 
@@ -139,7 +160,9 @@ def _conv_bwd(geometry, config, residuals, g):
   backend = get_backend(config.backend)
   nd = geometry.ndim
   gq, c, finite, cotangent = _quantize_gradient(backend, g, state, key, config)
-  dx = backend.conv_dgrad(gq, wq, geometry, xq.shape[1:-1], c * cw * _INV_QMAX2, out_dtype=lhs_token.dtype)
+  dx = _times_weight_clip(  # depthwise: the input channel of dx is the output channel of the weight clip
+      lambda scale, dtype: backend.conv_dgrad(gq, wq, geometry, xq.shape[1:-1], scale, out_dtype=dtype),
+      c, cw, lhs_token.dtype)
   dw = backend.conv_wgrad(xq, gq, geometry, wq.shape[:nd], cx * c * _INV_QMAX2)
   return (_nan_unless(finite, dx, lhs_token.dtype), _nan_unless(finite, dw, rhs_token.dtype),
           cotangent._replace(input_clip=cx), None)

@@ -72,7 +72,7 @@ def int8_config(config: Any) -> Int8Config:
   try:
     return Int8Config(backend=c.backend, dsgc=c.dsgc, stochastic_rounding=c.stochastic_rounding,
                       num_candidates=c.num_candidates, min_ratio=c.min_ratio, refine=c.refine,
-                      input_clip=c.input_clip, seed=config.seed)
+                      depthwise_channel_clips=c.depthwise_channel_clips, input_clip=c.input_clip, seed=config.seed)
   except ValueError as e:
     raise ValueError(f'config.int8: {e}') from None
 

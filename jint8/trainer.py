@@ -179,7 +179,9 @@ def gradient_step(state: TrainState, tx: optax.GradientTransformation,
 
 def with_layer_stats(step_metrics: dict[str, Any], state: TrainState) -> dict[str, Any]:
   """``step_metrics`` with, for an int8 state, ``layers``: each int8 layer's quantization statistics."""
-  return dict(step_metrics, layers=layer_stats(state.int8_state)) if state.int8_state else step_metrics
+  if not state.int8_state:
+    return step_metrics
+  return dict(step_metrics, layers=layer_stats(state.int8_state, state.params))
 
 
 def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Array, *, model: nn.Module,
@@ -193,7 +195,8 @@ def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Arr
           'count': jnp.sum(mask)}
 
 
-_LAST = ('grad_clip', 'input_clip')  # record keys that keep the later step's value; the others add up
+# record keys that keep the later step's value; the others add up
+_LAST = ('grad_clip', 'input_clip', 'weight_levels')
 
 
 def step_record(step_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +272,8 @@ def summarize_train(records: list[dict[str, Any]],
     return scalars, {}
   names = [n for n in layer_order if n in total['layers']] + sorted(total['layers'].keys() - set(layer_order))
   layers = {name: {'grad_deviation': float(s['grad_deviation']) / steps, 'grad_clip': float(s['grad_clip']),
-                   'input_clip': float(s['input_clip']), 'nonfinite': int(s['nonfinite'])}
+                   'input_clip': float(s['input_clip']), 'nonfinite': int(s['nonfinite']),
+                   **({'weight_levels': float(s['weight_levels'])} if 'weight_levels' in s else {})}
             for name, s in ((n, total['layers'][n]) for n in names)}
   scalars.update(grad_deviation_mean=float(np.mean([s['grad_deviation'] for s in layers.values()])),
                  grad_deviation_max=max(float(s['grad_deviation_max']) for s in total['layers'].values()),

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jint8 import nn as jnn
 from jint8 import ops
@@ -154,3 +155,17 @@ def test_layer_order_is_the_call_order_and_names_the_layer_stats_keys(rng):
   # state that came out of a jitted function has sorted keys: the order is lost there
   stats = jnn.layer_stats(jax.jit(model.init)(key, x)[jnn.STATE_COLLECTION])
   assert list(stats) == sorted(expected) != expected
+
+
+def test_layer_stats_give_the_weight_levels_of_each_kernel(rng):
+  model = jnn.Int8Model(DeepChain(), policy=jnn.Int8Policy(keep_dense_float=False))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32))
+  stats = jnn.layer_stats(variables[jnn.STATE_COLLECTION], variables['params'])
+  for name, layer in stats.items():
+    kernel = np.asarray(traverse_util.flatten_dict(variables['params'], sep='/')[f'{name}/kernel'], np.float64)
+    per_channel = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
+    np.testing.assert_allclose(layer['weight_levels'], 127 * per_channel.min() / per_channel.max(), rtol=1e-6)
+  # a channel scaled down 64 times keeps 1/64 of the levels
+  kernel = rng.normal(size=(3, 3, 1, 8)).astype(np.float32)
+  kernel[..., 0] *= np.abs(kernel[..., 1:]).max() / 64 / np.abs(kernel[..., 0]).max()
+  np.testing.assert_allclose(jnn.weight_levels(jnp.asarray(kernel)), 127 / 64, rtol=1e-6)

@@ -294,3 +294,64 @@ def test_a_trace_without_searches_uses_the_stored_clips(rng):
   searched = cotangent(Int8Config(input_clip='stored'), state)
   np.testing.assert_allclose(float(searched.grad_clip), float(quant.dsgc_search(jnp.asarray(g)).clip), rtol=1e-6)
   np.testing.assert_allclose(float(searched.input_clip), float(quant.dsgc_search(jnp.asarray(x)).clip), rtol=1e-6)
+
+
+def _depthwise_conv(config, case):
+  _, _, _, _, _, strides, padding, dilation, groups = case
+  return lambda x, w: ops.int8_conv_general_dilated(
+      x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_dims(len(strides)),
+      feature_group_count=groups, state=_state(), key=jax.random.PRNGKey(0), config=config)
+
+
+@pytest.mark.parametrize('backend', ['xla', 'pallas'])
+def test_depthwise_channel_clips_are_exact_on_channels_of_different_scales(rng, backend):
+  # Each weight channel is an integer tensor of max-abs 127 times its own power of two: a clip per channel
+  # quantizes it exactly, so forward, dgrad and wgrad equal the float conv; one clip per tensor does not.
+  case = CONV_CASES[2]  # depthwise, strided, dilated, explicit pads
+  n, spatial, cin, cout, kernel, *_ = case
+  x = _int8(rng, (n, *spatial, cin)).astype(np.float32)
+  x.flat[0] = 127
+  scales = 2.0 ** rng.integers(-8, 3, size=cout)
+  w_int = _int8(rng, (*kernel, 1, cout)).astype(np.float32)
+  w_int[0, 0, 0, :] = 127
+  w = w_int * scales.astype(np.float32)
+  config = Int8Config(backend=backend, dsgc=False, stochastic_rounding=False, depthwise_channel_clips=True)
+  g = _int8(rng, jax.eval_shape(_depthwise_conv(config, case), x, w).shape).astype(np.float32)
+  g.flat[0] = 127
+  y, grads = _value_and_vjp(_depthwise_conv(config, case), lambda y: g)(x, w)
+  y_ref, grads_ref = _value_and_vjp(_float_conv(case), lambda y: g)(x, w)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  for got, ref in zip(grads, grads_ref):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  per_tensor = Int8Config(backend=backend, dsgc=False, stochastic_rounding=False)
+  y_tensor = _value_and_vjp(_depthwise_conv(per_tensor, case), lambda y: g)(x, w)[0]
+  assert not np.array_equal(np.asarray(y_tensor), np.asarray(y_ref))
+
+
+def test_depthwise_channel_clips_cut_the_error_of_small_channels(rng):
+  case = CONV_CASES[5]  # depthwise, dilation 3
+  n, spatial, cin, cout, kernel, *_ = case
+  x = rng.normal(size=(n, *spatial, cin)).astype(np.float32)
+  w = (rng.normal(size=(*kernel, 1, cout)) * 10.0 ** rng.uniform(-3, 0, size=cout)).astype(np.float32)
+  with jax.enable_x64(True):
+    y64 = np.asarray(_float_conv(case)(x.astype(np.float64), w.astype(np.float64)))
+
+  def channel_errors(config):
+    y = np.asarray(_depthwise_conv(config, case)(x, w), np.float64)
+    return np.linalg.norm((y - y64).reshape(-1, cout), axis=0) / np.linalg.norm(y64.reshape(-1, cout), axis=0)
+
+  per_channel = channel_errors(Int8Config(depthwise_channel_clips=True))
+  per_tensor = channel_errors(Int8Config())
+  assert per_channel.max() < 0.02  # every channel keeps its int8 levels
+  assert per_tensor.max() > 10 * per_channel.max()  # the channel of the smallest weights loses them
+
+
+def test_depthwise_channel_clips_leave_other_convs_unchanged(rng):
+  for case in (CONV_CASES[0], CONV_CASES[1]):  # dense and grouped (several input channels per group)
+    n, spatial, cin, cout, kernel, *_, groups = case
+    x = rng.normal(size=(n, *spatial, cin)).astype(np.float32)
+    w = rng.normal(size=(*kernel, cin // groups, cout)).astype(np.float32)
+    g = rng.normal(size=jax.eval_shape(_depthwise_conv(Int8Config(), case), x, w).shape).astype(np.float32)
+    on = _value_and_vjp(_depthwise_conv(Int8Config(depthwise_channel_clips=True), case), lambda y: g)(x, w)
+    off = _value_and_vjp(_depthwise_conv(Int8Config(), case), lambda y: g)(x, w)
+    jax.tree.map(np.testing.assert_array_equal, on, off)

@@ -103,7 +103,7 @@ def test_run_writes_metrics_checkpoints_and_plots(uninterrupted):
   for r in train:
     assert np.isfinite(r['loss']) and 0 <= r['accuracy'] <= 1 and r['nonfinite'] == 0
     assert 0 <= r['grad_deviation_mean'] <= r['grad_deviation_max'] < 0.5
-    assert all(stats['grad_clip'] > 0 for stats in r['layers'].values())
+    assert all(stats['grad_clip'] > 0 and 0 < stats['weight_levels'] <= 127 for stats in r['layers'].values())
   assert train[0]['lr'] > train[-1]['lr'] > 0  # cosine decay
   assert train[-1]['loss'] < train[0]['loss']
   assert _final(stdout) == {k: _test_records(workdir)[-1][k] for k in ('loss', 'accuracy')}
@@ -294,7 +294,7 @@ def _toy_step(state, data, order, index):
   """A train step of a toy state: adds the batch's value; metrics like an int8 step's, varying per batch."""
   value = data[order[index]]
   layer = {'grad_clip': value, 'grad_deviation': value / 10, 'input_clip': 2 * value,
-           'nonfinite': (value > 3.5).astype(jnp.float32)}
+           'nonfinite': (value > 3.5).astype(jnp.float32), 'weight_levels': 3 * value}
   layers = {'a': layer, 'b': dict(layer, grad_deviation=value / 5)}
   return state + value, {'loss': value, 'accuracy': value / 4, 'layers': layers}
 
@@ -314,8 +314,8 @@ def test_multi_step_runs_the_steps_of_one_epoch_and_summarizes_them(rng):
                                    'grad_deviation_max': values.max() / 5,
                                    'nonfinite': 2 * int((values > 3.5).sum())}, rel=1e-5)
   assert layers['a'] == pytest.approx({'grad_deviation': values.mean() / 10, 'grad_clip': values[-1],
-                                       'input_clip': 2 * values[-1], 'nonfinite': int((values > 3.5).sum())},
-                                      rel=1e-5)
+                                       'input_clip': 2 * values[-1], 'nonfinite': int((values > 3.5).sum()),
+                                       'weight_levels': 3 * values[-1]}, rel=1e-5)
   fp32 = trainer.summarize_train([trainer.step_record({'loss': jnp.float32(1.5), 'accuracy': jnp.float32(1.0)})])
   assert fp32 == ({'loss': 1.5, 'accuracy': 1.0}, {})
 
@@ -449,3 +449,10 @@ def test_a_resumed_run_is_checked_with_the_losses_it_logged_before(tmp_path):
   assert check.history == [(100, 2.3), (200, 0.6), (300, 2.3)]  # train logs up to the resume step
   with pytest.raises(divergence.TrainingDiverged):
     check.update(400, 2.4)
+
+
+def test_int8_config_takes_the_int8_keys_of_the_config():
+  config = _config()
+  config.int8.depthwise_channel_clips, config.int8.refine, config.int8.dsgc = True, 3, False
+  int8 = precision.int8_config(config)
+  assert int8.depthwise_channel_clips and int8.refine == 3 and not int8.dsgc and int8.seed == config.seed
