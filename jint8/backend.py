@@ -51,6 +51,12 @@ class ConvGeometry:
                                           self.window_strides))
 
 
+def is_depthwise(lhs_channels: int, rhs_shape: Sequence[int], groups: int) -> bool:
+  """True for a conv with one input and one output channel per group (channel multiplier 1): it never sums over
+  channels."""
+  return groups == lhs_channels and rhs_shape[-2] == 1 and rhs_shape[-1] == groups
+
+
 class Backend(Protocol):
   """What an integer backend provides. Every product returns ``int32_result * scale`` computed in float32;
   the forward conv and dgrad round it to ``out_dtype`` (float32 or the model's bfloat16) in the epilogue."""

@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 
 from jint8 import quant
-from jint8.backend import ConvGeometry, get_backend
+from jint8.backend import ConvGeometry, get_backend, is_depthwise
 
 _INV_QMAX2 = 1.0 / (quant.QMAX * quant.QMAX)
 
@@ -147,8 +147,8 @@ def _nan_unless(finite, x, dtype):
 
 def _conv_fwd(lhs, rhs, state, key, geometry, config):
   backend = get_backend(config.backend)
-  depthwise = rhs.shape[-2] == 1 and rhs.shape[-1] == geometry.feature_group_count  # channel multiplier 1
-  channel_clips = config.depthwise_channel_clips and depthwise
+  channel_clips = (config.depthwise_channel_clips
+                   and is_depthwise(lhs.shape[-1], rhs.shape, geometry.feature_group_count))
   xq, wq, cx, cw = _quantize_operands(backend, lhs, rhs, state, config, channel_clips=channel_clips)
   y = _times_weight_clip(lambda scale, dtype: backend.conv(xq, wq, geometry, scale, out_dtype=dtype),
                          cx, cw, lhs.dtype)

@@ -110,7 +110,7 @@ class PallasBackend:
       return 'vendor'
     if nd > 2:
       return 'xla'
-    if depthwise.is_depthwise(cin, rhs_shape, groups):
+    if backend.is_depthwise(cin, rhs_shape, groups):
       return 'depthwise'
     if op != 'wgrad':
       return 'gemm'

@@ -43,11 +43,6 @@ def pick_config(rows: int, channels: int) -> DepthwiseConfig:
   return DepthwiseConfig(common.pow2_block(rows, 16, 4096 // block_c), block_c, 4)
 
 
-def is_depthwise(lhs_channels: int, rhs_shape, groups: int) -> bool:
-  """True for a conv with one input and one output channel per group (what these kernels take)."""
-  return groups == lhs_channels and rhs_shape[-2] == 1 and rhs_shape[-1] == groups
-
-
 def _kernel(src_ref, w_ref, table_ref, scale_ref, out_ref, *, plan: geo.ConvPlan, channels,
             cfg: DepthwiseConfig, interpret: bool):
   bm, bc = cfg.block_m, cfg.block_c
@@ -94,7 +89,7 @@ def _depthwise(src, w2, plan: geo.ConvPlan, scale, *, interpret, config, out_dty
 def _check(lhs, rhs, geometry: backend.ConvGeometry):
   if lhs.ndim != 4 or rhs.ndim != 4 or geometry.ndim != 2:
     raise ValueError(f'the Pallas depthwise kernels take 2-D convs, got operands {lhs.shape}, {rhs.shape}')
-  if not is_depthwise(lhs.shape[-1], rhs.shape, geometry.feature_group_count):
+  if not backend.is_depthwise(lhs.shape[-1], rhs.shape, geometry.feature_group_count):
     raise ValueError(f'not a depthwise conv: operands {lhs.shape}, {rhs.shape}, '
                      f'{geometry.feature_group_count} groups')
 

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jint8 import backend
 from jint8.pallas import common
 from jint8.pallas import geometry as geo
-from jint8.pallas.depthwise import channel_block, is_depthwise
+from jint8.pallas.depthwise import channel_block
 
 
 def _kernel(x_ref, g_ref, out_ref, *, plan: geo.ConvPlan, channels, pixels, chunk, block_m, block_c):
@@ -63,7 +63,7 @@ def depthwise_wgrad(x, g, geometry: backend.ConvGeometry, kernel_spatial, scale,
   if x.ndim != 4 or g.ndim != 4 or geometry.ndim != 2:
     raise ValueError(f'the Pallas depthwise wgrad takes 2-D convs, got operands {x.shape}, {g.shape}')
   (n, h, wd, c), (_, oh, ow, cout) = x.shape, g.shape
-  if not is_depthwise(c, (1, cout), geometry.feature_group_count):
+  if not backend.is_depthwise(c, (1, cout), geometry.feature_group_count):
     raise ValueError(f'not a depthwise conv: operands {x.shape}, {g.shape}, '
                      f'{geometry.feature_group_count} groups')
   if x.size >= 2 ** 31 or g.size >= 2 ** 31:
