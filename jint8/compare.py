@@ -2,16 +2,18 @@
 where the training loss diverged) and a PNG of curves.
 
   python -m jint8.compare runs/resnet20-fp32-s0 runs/resnet20-fp32-s1 runs/resnet20-int8-s0 ... \\
-      [--metric accuracy] [--plot compare.png]
+      [--metric accuracy] [--plot compare.png [--max_step 2000]]
 
-Runs whose ``config.json`` differ only in ``seed`` form a group (keys that only some runs have, written by a
-newer jint8, are not compared); the group line gives the mean and the standard deviation (ddof 1) of the final
-evaluation metric (the test split for CIFAR, the validation split for detection).
+Runs whose ``config.json`` differ only in ``seed`` form a group; the group line gives the mean and the standard
+deviation (ddof 1) of the final evaluation metric (the test split for CIFAR, the validation split for detection).
+A key that only some runs have (written by a newer jint8) counts as its default in the others: ``--defaults``
+names the config file that holds the defaults (the repository's ``configs/default.py`` when it is there).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import statistics
@@ -58,24 +60,45 @@ def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | N
           'diverged_at': divergence.first_divergence([(r['step'], r['loss']) for r in train if 'loss' in r])}
 
 
-def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-  """Whether two runs' configs agree on every key both have, the seed aside (a key only one has is one that an
-  older jint8 did not write yet; it kept that key's default behaviour)."""
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
+
+
+def load_defaults(path: pathlib.Path) -> dict[str, Any]:
+  """The config of the file at ``path`` (its ``get_config()``) as ``config.json`` would hold it."""
+  if not path.is_file():
+    raise ValueError(f'--defaults: no config file at {path}')
+  spec = importlib.util.spec_from_file_location('_jint8_compare_defaults', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return json.loads(module.get_config().to_json_best_effort())
+
+
+def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> bool:
+  """Whether two runs' configs agree on every key, the seed aside. A key only one has was written by a newer jint8
+  than the other run's, which kept that key's default behaviour: it is compared with its value in ``defaults``
+  (not at all when ``defaults`` lacks it)."""
   if a is None or b is None:
     return False
   a, b = traverse_util.flatten_dict(a, sep='.'), traverse_util.flatten_dict(b, sep='.')
-  return all(a[k] == b[k] for k in a.keys() & b.keys() if k != 'seed')
+  defaults = traverse_util.flatten_dict(defaults or {}, sep='.')
+  missing = object()
+  for key in (a.keys() | b.keys()) - {'seed'}:
+    values = [config.get(key, defaults.get(key, missing)) for config in (a, b)]
+    if missing not in values and values[0] != values[1]:
+      return False
+  return True
 
 
-def table(workdirs: list[pathlib.Path], metric: str) -> str:
-  """A Markdown table: a row per run, then a row per group of two or more seeds (mean +- std)."""
+def table(workdirs: list[pathlib.Path], metric: str, defaults: dict[str, Any] | None = None) -> str:
+  """A Markdown table: a row per run, then a row per group of two or more seeds (mean +- std; ``defaults`` as
+  in ``same_recipe``)."""
   rows = [f'| run | steps | final {metric} | best | train minutes | non-finite | max deviation | diverged at |',
           '|---|---|---|---|---|---|---|---|']
   groups: list[tuple[dict[str, Any] | None, list[dict[str, Any]]]] = []
   for workdir in workdirs:
     config = _config(workdir)
     run = summarize_run(workdir, metric, config)
-    group = next((runs for first, runs in groups if same_recipe(first, config)), None)
+    group = next((runs for first, runs in groups if same_recipe(first, config, defaults)), None)
     if group is None:
       groups.append((config, [run]))
     else:
@@ -97,14 +120,22 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('workdirs', nargs='+', type=pathlib.Path, help='run folders holding metrics.jsonl')
   parser.add_argument('--metric', default='accuracy', help="evaluation metric to compare ('mAP50' for detection)")
   parser.add_argument('--plot', type=pathlib.Path, help='write a PNG of the curves here')
+  parser.add_argument('--max_step', type=int, help='plot the curves up to this step only (the table is unchanged)')
+  parser.add_argument('--defaults', type=pathlib.Path, default=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
+                      help='config file whose values a run without a key had (default: configs/default.py)')
   args = parser.parse_args(argv)
   try:
-    print(table(args.workdirs, args.metric))
+    defaults = None if args.defaults is None else load_defaults(args.defaults)
+    print(table(args.workdirs, args.metric, defaults))
   except ValueError as e:
     sys.exit(f'error: {e}')
+  if args.max_step is not None and args.max_step < 1:
+    sys.exit(f'error: --max_step must be >= 1, got {args.max_step}')
   if args.plot:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    metrics.plot_comparison({w.name: metrics.read_records(w) for w in args.workdirs}, args.plot, args.metric)
+    last = args.max_step or float('inf')
+    runs = {w.name: [r for r in metrics.read_records(w) if r['step'] <= last] for w in args.workdirs}
+    metrics.plot_comparison(runs, args.plot, args.metric)
     print(f'Wrote {args.plot}')
 
 

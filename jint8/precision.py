@@ -4,10 +4,12 @@
 (``Int8Config``), which layers stay float (``Int8Policy``) and the DSGC / DCLR settings of
 ``jint8.optim.int8_optimizer``:
 
-  backend, dsgc, stochastic_rounding, num_candidates, min_ratio, refine, input_clip   -> Int8Config
+  backend, dsgc, stochastic_rounding, num_candidates, min_ratio, refine, input_clip,
+  depthwise_channel_clips                                                             -> Int8Config
   keep_first_conv_float, keep_dense_float, keep_depthwise_float, float_layers         -> Int8Policy
   period, dclr, alpha, beta, skip_nonfinite                                           -> int8_optimizer
   separate_search_trace                                          -> the trainers' steps (``bind_train_step``)
+  compute_dtype                                        -> the dtype around the int8 convs (``compute_dtype``)
 """
 
 from __future__ import annotations

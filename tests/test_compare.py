@@ -90,3 +90,38 @@ def test_runs_group_on_the_config_keys_they_share():
   assert not compare.same_recipe(old, {**new, 'int8': {'period': 1, 'compute_dtype': 'float32'}})
   assert not compare.same_recipe(old, {**new, 'precision': 'fp32'})
   assert not compare.same_recipe(old, None)
+
+
+def test_a_key_only_newer_runs_have_counts_as_its_default_in_older_runs():
+  old = {'precision': 'int8', 'seed': 0, 'int8': {'period': 100}}
+  new = {'precision': 'int8', 'seed': 1, 'int8': {'period': 100, 'channel_clips': False}}
+  defaults = {'int8': {'period': 100, 'channel_clips': False}}
+  assert compare.same_recipe(old, new, defaults)
+  assert not compare.same_recipe(old, {**new, 'int8': {'period': 100, 'channel_clips': True}}, defaults)
+  assert compare.same_recipe(old, {**new, 'int8': {'period': 100, 'channel_clips': True}})  # no defaults known
+
+
+def test_compare_reads_the_defaults_from_the_config_file(tmp_path, rng, capsys):
+  for name, seed, extra in (('old-s0', 0, {}), ('new-s1', 1, {'divergence_patience': 0})):
+    _write_run(tmp_path / name, rng.uniform(0.5, 0.9, size=3), rng.uniform(0, 0.1, size=3), seed=seed)
+    config = json.loads((tmp_path / name / 'config.json').read_text())
+    (tmp_path / name / 'config.json').write_text(json.dumps({**config, **extra}))
+  runs = [str(tmp_path / 'old-s0'), str(tmp_path / 'new-s1')]
+  compare.main(runs + ['--defaults', str(compare.DEFAULT_CONFIG)])  # the default patience is not 0
+  assert 'mean of' not in capsys.readouterr().out
+  (tmp_path / 'patience0.py').write_text(
+      'import ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict({"divergence_patience": 0})\n')
+  compare.main(runs + ['--defaults', str(tmp_path / 'patience0.py')])
+  assert 'mean of old-s0, new-s1' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match='--defaults: no config file at'):
+    compare.main(runs + ['--defaults', str(tmp_path / 'missing.py')])
+
+
+def test_max_step_cuts_the_plotted_curves(tmp_path, rng, monkeypatch):
+  _write_run(tmp_path / 'run', rng.uniform(0.5, 0.9, size=5), rng.uniform(0, 0.1, size=5), seed=0)
+  plotted = {}
+  monkeypatch.setattr(compare.metrics, 'plot_comparison', lambda runs, path, metric: plotted.update(runs))
+  compare.main([str(tmp_path / 'run'), '--plot', str(tmp_path / 'p.png'), '--max_step', '30'])
+  assert sorted({r['step'] for r in plotted['run']}) == [10, 20, 30]
+  with pytest.raises(SystemExit, match='--max_step must be >= 1'):
+    compare.main([str(tmp_path / 'run'), '--plot', str(tmp_path / 'p.png'), '--max_step', '0'])
