@@ -124,13 +124,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--defaults', type=pathlib.Path, default=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
                       help='config file whose values a run without a key had (default: configs/default.py)')
   args = parser.parse_args(argv)
+  if args.max_step is not None and args.max_step < 1:
+    sys.exit(f'error: --max_step must be >= 1, got {args.max_step}')
   try:
     defaults = None if args.defaults is None else load_defaults(args.defaults)
     print(table(args.workdirs, args.metric, defaults))
   except ValueError as e:
     sys.exit(f'error: {e}')
-  if args.max_step is not None and args.max_step < 1:
-    sys.exit(f'error: --max_step must be >= 1, got {args.max_step}')
   if args.plot:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     last = args.max_step or float('inf')
