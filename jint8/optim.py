@@ -23,9 +23,10 @@ from flax import linen as nn
 from jint8 import quant
 from jint8.nn import STATE_COLLECTION, Int8Config, Int8Model
 
-# The scalars each int8 op module keeps in STATE_COLLECTION (docs/design.md, "Quantization state").
-_STATE_FIELDS = frozenset(
-    ('grad_clip', 'grad_deviation', 'input_clip', 'nonfinite', 'search', 'step', 'uses'))
+# The scalars each int8 op module keeps in STATE_COLLECTION (docs/design.md, "Quantization state"). A tuple, not a
+# set: code traced over it must emit the same program in every process (a set's order changes with Python's hash
+# seed, and with it the program's fingerprint: JAX's persistent compilation cache would never hit).
+_STATE_FIELDS = ('grad_clip', 'grad_deviation', 'input_clip', 'nonfinite', 'search', 'step', 'uses')
 # Fields whose per-application cotangents are averaged over the applications of a layer in a step.
 _MEAN_FIELDS = ('grad_clip', 'grad_deviation', 'input_clip')
 
@@ -75,9 +76,9 @@ def _op_states(state: Any, what: str) -> tuple[dict[_Path, dict[str, Any]], list
       raise ValueError(f'{what}: leaf {"/".join(path) or "<root>"} is not inside an op module dict')
     ops.setdefault(path[:-1], {})[path[-1]] = leaf
   for op_path, fields in ops.items():
-    if set(fields) != _STATE_FIELDS:
+    if set(fields) != set(_STATE_FIELDS):
       raise ValueError(f'{what}: {"/".join(op_path)} holds {sorted(fields)}; an int8 op module holds '
-                       f'{sorted(_STATE_FIELDS)}')
+                       f'{list(_STATE_FIELDS)}')
   return ops, paths, treedef
 
 
@@ -91,7 +92,7 @@ def _all_finite(arrays: list[jax.Array]) -> jax.Array:
 
 def _layer_nonfinite(cot: dict[str, jax.Array]) -> jax.Array:
   """True when a layer's backward pass reported a non-finite gradient or returned a non-finite value."""
-  return (cot['nonfinite'] != 0) | ~_all_finite([cot[f] for f in sorted(_STATE_FIELDS)])
+  return (cot['nonfinite'] != 0) | ~_all_finite([cot[f] for f in _STATE_FIELDS])
 
 
 def _new_state(cot: dict[str, jax.Array], old: dict[str, jax.Array], period: int) -> dict[str, jax.Array]:

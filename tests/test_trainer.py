@@ -156,6 +156,35 @@ def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, t
     assert b['accuracy'] == pytest.approx(a['accuracy'], abs=0.021)  # 2 of 100 test images
 
 
+_HASH_TRAIN_STEPS = """
+import hashlib
+import jax
+import numpy as np
+from configs import smoke
+from jint8 import input_pipeline, optimizers, precision, sharding, trainer
+config = smoke.get_config()
+mesh = sharding.training_mesh(config)
+with jax.set_mesh(mesh):
+  dataset = input_pipeline.synthetic_dataset(sharding.replicated(mesh), num_train=64, num_test=64)
+  tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, 0.1), config)
+  model = precision.apply_precision(trainer.create_model(config, dataset.num_classes), config)
+  loop = trainer._Loop(config, model, tx, dataset, mesh)
+  state = trainer.abstract_state(model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
+  lowered = loop.train_steps.lower(state, dataset, jax.ShapeDtypeStruct((64,), np.int32), np.int32(0), np.int32(1))
+  print(hashlib.sha256(lowered.as_text().encode()).hexdigest())
+"""
+
+
+def test_the_int8_train_steps_lower_to_the_same_program_in_every_process():
+  # JAX's persistent compilation cache keys on the program: a program that depends on Python's hash seed (a set
+  # iterated while tracing) would be recompiled by every run and every resume.
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  hashes = [subprocess.run([sys.executable, '-c', _HASH_TRAIN_STEPS], env={**env, 'PYTHONHASHSEED': seed},
+                           capture_output=True, text=True, timeout=300, check=True).stdout.split()[-1]
+            for seed in ('0', '1')]
+  assert hashes[0] == hashes[1]
+
+
 def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
   process = subprocess.run(
       [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',
