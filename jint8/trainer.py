@@ -178,10 +178,20 @@ def gradient_step(state: TrainState, tx: optax.GradientTransformation,
 
 
 def with_layer_stats(step_metrics: dict[str, Any], state: TrainState) -> dict[str, Any]:
-  """``step_metrics`` with, for an int8 state, ``layers``: each int8 layer's quantization statistics."""
+  """``step_metrics`` with, for an int8 state, ``layers``: each int8 layer's quantization statistics (its
+  ``weight_levels`` are added once per ``multi_step`` loop, not here in every step)."""
   if not state.int8_state:
     return step_metrics
-  return dict(step_metrics, layers=layer_stats(state.int8_state, state.params))
+  return dict(step_metrics, layers=layer_stats(state.int8_state))
+
+
+def with_weight_levels(record: dict[str, Any], state: TrainState) -> dict[str, Any]:
+  """``record`` with each int8 layer's ``weight_levels`` (``jint8.nn.weight_levels``) at ``state``."""
+  if 'layers' not in record:
+    return record
+  levels = layer_stats(state.int8_state, state.params)
+  return dict(record, layers={name: {**stats, **{k: v for k, v in levels[name].items() if k == 'weight_levels'}}
+                              for name, stats in record['layers'].items()})
 
 
 def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Array, *, model: nn.Module,
@@ -237,12 +247,15 @@ def bind_train_step(train_step: Callable[..., tuple[Any, dict[str, Any]]], confi
   return step
 
 
-def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]]):
+def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]],
+               finish: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None):
   """``train_step(state, data, order, index)`` run ``num_steps`` times on batches ``index, index + 1, ...`` in
   one compiled loop (one compilation for any ``num_steps``).
 
   Returns ``run(state, data, order, index, num_steps) -> (state, record)`` with the steps' metrics combined
-  (``step_record``, ``combine_records``).
+  (``step_record``, ``combine_records``), then passed through ``finish(record, state)`` with the state after the
+  last step when given (the trainers add ``with_weight_levels`` there: only that value is logged, so the kernels
+  are read for it once per loop instead of in every step).
   """
 
   def run(state, data, order, index, num_steps):
@@ -254,7 +267,8 @@ def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]]):
       state, step_metrics = train_step(state, data, order, index + i)
       return state, combine_records(record, step_record(step_metrics))
 
-    return jax.lax.fori_loop(0, num_steps, body, (state, zeros))
+    state, record = jax.lax.fori_loop(0, num_steps, body, (state, zeros))
+    return state, record if finish is None else finish(record, state)
 
   return run
 
@@ -291,7 +305,7 @@ class _Loop:
     self.eval_batch_size = config.eval_batch_size
     self.train_steps = jax.jit(multi_step(
         bind_train_step(train_step, config, model, tx=tx, batch_size=config.batch_size, batch_sharding=batch,
-                        label_smoothing=config.label_smoothing)),
+                        label_smoothing=config.label_smoothing), finish=with_weight_levels),
         donate_argnums=0, out_shardings=replicated)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=model, batch_size=config.eval_batch_size, batch_sharding=batch),

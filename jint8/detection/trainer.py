@@ -24,7 +24,7 @@ from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
 from jint8.trainer import (TrainState, bind_train_step, format_record, gradient_step, make_divergence_check, multi_step,
-                           restore_or_initialize, run_length, train_loop, with_layer_stats)
+                           restore_or_initialize, run_length, train_loop, with_layer_stats, with_weight_levels)
 
 # Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
 _ORDER, _AUGMENT = 1, 2
@@ -131,8 +131,8 @@ class _Loop:
     self.train_steps = jax.jit(multi_step(
         bind_train_step(train_step, config, model, tx=tx, locations=self.locations, batch_size=config.batch_size,
                         batch_sharding=batch, flips=tuple(config.dataset.flips),
-                        focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma)),
-        donate_argnums=0, out_shardings=replicated)
+                        focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma),
+        finish=with_weight_levels), donate_argnums=0, out_shardings=replicated)
     self.predict_step = jax.jit(
         functools.partial(predict_step, model=model, locations=self.locations,
                           batch_size=config.eval_batch_size, batch_sharding=batch, top_k=config.eval.top_k),
