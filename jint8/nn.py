@@ -7,6 +7,10 @@ The op modules plug into Flax's own layers::
 
 and keep their quantization state in the variable collection ``STATE_COLLECTION``. ``Int8Model`` makes every
 ``nn.Conv`` / ``nn.Dense`` of an existing model int8 without touching the model's code.
+
+The stochastic rounding of the gradients draws from the rng stream ``ROUNDING_RNG`` when ``apply`` is given one
+(``rngs={ROUNDING_RNG: jax.random.key(seed, impl='rbg')}``, a traced key: one compiled program for every seed, as
+the trainers do); without it, from the static ``Int8Config.seed``.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from jint8 import ops, quant
 from jint8.ops import Int8Config, QuantState
 
 STATE_COLLECTION = 'int8_state'
+ROUNDING_RNG = 'int8'
 
-__all__ = ['STATE_COLLECTION', 'Int8Config', 'Int8ConvGeneralDilated', 'Int8DotGeneral', 'Int8Model',
+__all__ = ['ROUNDING_RNG', 'STATE_COLLECTION', 'Int8Config', 'Int8ConvGeneralDilated', 'Int8DotGeneral', 'Int8Model',
            'Int8Policy', 'layer_stats', 'record_layer_order']
 
 
@@ -44,11 +49,15 @@ class _Int8Op(nn.Module):
   def rounding_key(self, step: jax.Array) -> jax.Array:
     """A key that differs per seed, layer (its module path) and optimizer step.
 
-    The ``rbg`` implementation (XLA's RngBitGenerator) compiles much faster than threefry, which matters
-    with one gradient shape per layer.
+    The seed is the ``ROUNDING_RNG`` stream's key when ``apply`` has one (``make_rng`` folds in the module path),
+    by default ``config.seed`` with the path's crc32. The stream's key should be an ``rbg`` key, as the default:
+    its RngBitGenerator compiles much faster than threefry, which matters with one gradient shape per layer.
     """
-    layer = zlib.crc32('/'.join(self.path).encode()) & 0x7FFFFFFF
-    key = jax.random.fold_in(jax.random.key(self.config.seed, impl='rbg'), layer)
+    if self.has_rng(ROUNDING_RNG):
+      key = self.make_rng(ROUNDING_RNG)
+    else:
+      layer = zlib.crc32('/'.join(self.path).encode()) & 0x7FFFFFFF
+      key = jax.random.fold_in(jax.random.key(self.config.seed, impl='rbg'), layer)
     return jax.random.fold_in(key, step.astype(jnp.uint32))
 
 

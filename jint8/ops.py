@@ -44,7 +44,8 @@ class Int8Config:
     searches: ``False`` traces a step between two searches: every layer uses its stored clips whatever its
       ``search`` flag says, and no search code is traced (fewer kernels per layer). Only for layers that have
       clips already; ``jint8.optim.needs_search`` tells when a step must be traced with ``True``.
-    seed: seed of the stochastic rounding (combined with the layer's path and the step).
+    seed: seed of the stochastic rounding (combined with the layer's path and the step) when the model is applied
+      without the rng stream ``jint8.nn.ROUNDING_RNG``; a static seed: each value compiles another program.
   """
 
   backend: str = 'auto'

@@ -69,12 +69,13 @@ def describe(config: Any) -> str:
 
 
 def int8_config(config: Any) -> Int8Config:
-  """The ``Int8Config`` of ``config.int8``, seeded with ``config.seed``."""
+  """The ``Int8Config`` of ``config.int8``. Its ``seed`` stays the default: the trainers pass ``config.seed``'s
+  rounding key at run time (``jint8.trainer.rounding_key``), so that every seed runs one compiled program."""
   c = config.int8
   try:
     return Int8Config(backend=c.backend, dsgc=c.dsgc, stochastic_rounding=c.stochastic_rounding,
                       num_candidates=c.num_candidates, min_ratio=c.min_ratio, refine=c.refine,
-                      depthwise_channel_clips=c.depthwise_channel_clips, input_clip=c.input_clip, seed=config.seed)
+                      depthwise_channel_clips=c.depthwise_channel_clips, input_clip=c.input_clip)
   except ValueError as e:
     raise ValueError(f'config.int8: {e}') from None
 

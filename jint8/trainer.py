@@ -27,10 +27,10 @@ from flax import linen as nn
 
 from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optim, optimizers, precision, progress,
                    sharding)
-from jint8.nn import STATE_COLLECTION, layer_stats, record_layer_order
+from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, layer_stats, record_layer_order
 
 # Streams of randomness derived from config.seed with jax.random.fold_in.
-_INIT, _ORDER, _AUGMENT, _DROPOUT = range(4)
+_INIT, _ORDER, _AUGMENT, _DROPOUT, _ROUNDING = range(5)
 
 
 @flax.struct.dataclass
@@ -150,14 +150,21 @@ def train_step(state: TrainState, dataset: input_pipeline.Dataset, order: jax.Ar
   labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
 
   def loss_fn(params, int8_state):
-    logits, updates = model.apply(state.variables(params, int8_state), images, train=True,
-                                  mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    logits, updates = model.apply(state.variables(params, int8_state), images, train=True, mutable=['batch_stats'],
+                                  rngs={'dropout': dropout_rng, ROUNDING_RNG: rounding_key(state)})
     loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
     return loss, (logits, updates.get('batch_stats', {}))
 
   new_state, loss, logits = gradient_step(state, tx, loss_fn)
   return new_state, with_layer_stats({'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)},
                                      new_state)
+
+
+def rounding_key(state: TrainState) -> jax.Array:
+  """The int8 ops' stochastic-rounding key of ``state``'s step (the ``jint8.nn.ROUNDING_RNG`` stream), derived
+  from ``state.rng`` at run time: one compiled step for every seed. An ``rbg`` key, as ``jint8.nn`` wants."""
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, _ROUNDING), state.step)
+  return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
 
 
 def gradient_step(state: TrainState, tx: optax.GradientTransformation,

@@ -3,6 +3,7 @@
 (train, COCO evaluation, PNG, checkpoint restore)."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -14,11 +15,12 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import detector
-from jint8 import metrics, optim
+from jint8 import metrics, optim, sharding
 from jint8.detection import data, fcos, losses, targets, trainer, voc
 from jint8.detection.trainer import model_strides
 from jint8.models import ResNetBackbone
 from jint8.nn import STATE_COLLECTION, Int8Config, Int8Model, Int8Policy
+from jint8.trainer import initial_state
 
 
 class TinyBackbone(nn.Module):
@@ -150,6 +152,27 @@ def test_int8_loss_falls_on_real_images(tmp_path_factory, fast_compiles):
   head = {k for k in uses if '/head/' in k}
   assert len(head) == 5 and {uses[k] for k in head} == {3}
   assert {v for k, v in uses.items() if k not in head} == {1} and len(uses) == 5 + 2  # + 2 backbone convs
+
+
+def test_int8_train_step_rounds_with_the_seed_of_the_state(rng, fast_compiles):
+  # Only the backbone convs are int8 (the first stays float): a short compile on a CPU.
+  model = Int8Model(_tiny_fcos(), config=_INT8, policy=Int8Policy(float_layers=('^fpn/', '^head/')))
+  boxes = np.sort(rng.uniform(0, 64, (4, 3, 2, 2)), axis=2).reshape(4, 3, 4)
+  split = data.Split(images=jnp.asarray(rng.integers(0, 256, (4, 64, 64, 3)), jnp.uint8),
+                     boxes=jnp.asarray(boxes, jnp.float32), labels=jnp.asarray(rng.integers(0, 3, (4, 3)), jnp.int32),
+                     valid=jnp.asarray(rng.uniform(size=(4, 3)) < 0.8))
+  tx = optim.int8_optimizer(optax.sgd(0.1), period=5)
+  replicated = sharding.replicated(sharding.data_mesh())
+  state = initial_state(model, tx, (64, 64, 3), 0, replicated)
+  step = jax.jit(functools.partial(
+      trainer.train_step, model=model, tx=tx, locations=targets.Locations((64, 64), model_strides(model), (12, 24)),
+      batch_size=4, batch_sharding=replicated, flips=(), focal_alpha=0.25, focal_gamma=2.0))
+  # no flips: the state's rng reaches only the stochastic rounding
+  order = jnp.asarray(rng.permutation(4), jnp.int32)
+  first, again, other = (step(state.replace(rng=jax.random.PRNGKey(seed)), split, order, 0)[0].params
+                         for seed in (1, 1, 2))
+  jax.tree.map(np.testing.assert_array_equal, first, again)
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, first, other)))
 
 
 def test_train_and_evaluate_end_to_end(tmp_path, fast_compiles):

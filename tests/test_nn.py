@@ -69,6 +69,49 @@ def test_int8_model_output_and_grads_close_to_float(rng):
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99, layer
 
 
+def _int8_kernel_grads(model, x, rngs):
+  """The gradients of the int8 layers' kernels (their stochastic rounding's results) under the rng streams ``rngs``."""
+  variables = model.init(jax.random.PRNGKey(1), x)
+  loss = lambda p, rngs: (model.apply({**variables, 'params': p}, x, rngs=rngs) ** 2).mean()
+  grads = jax.jit(jax.grad(loss))(variables['params'], rngs)['model']
+  return [np.asarray(grads[layer]['kernel']) for layer in ('Conv_0', 'depthwise')]
+
+
+def test_rounding_key_comes_from_the_rng_stream_else_from_the_config_seed(rng):
+  x = jnp.asarray(rng.normal(size=(4, 9, 9, 3)), jnp.float32)
+  model = jnn.Int8Model(SmallCNN())
+  stream = lambda seed: {jnn.ROUNDING_RNG: jax.random.key(seed, impl='rbg')}
+  first, again, other = (_int8_kernel_grads(model, x, stream(seed)) for seed in (1, 1, 2))
+  for a, b, c in zip(first, again, other):
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+  # without the stream, Int8Config.seed seeds the rounding (also the same for every key of another stream)
+  seeds = [_int8_kernel_grads(jnn.Int8Model(SmallCNN(), config=jnn.Int8Config(seed=seed)), x, rngs)
+           for seed, rngs in ((0, {}), (0, {'dropout': jax.random.key(5)}), (1, {}))]
+  for a, b, c in zip(*seeds):
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_the_rounding_stream_keeps_the_rbg_generator(rng, monkeypatch):
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  model = jnn.Int8Model(SmallCNN())
+  variables = model.init(jax.random.PRNGKey(0), x)
+  impls = []
+  op = ops.int8_conv_general_dilated
+
+  def recording_op(*args, key, **kwargs):
+    impls.append(jax.random.key_impl(key))
+    return op(*args, key=key, **kwargs)
+
+  monkeypatch.setattr(ops, 'int8_conv_general_dilated', recording_op)
+  loss = lambda p, key: (model.apply({**variables, 'params': p}, x, rngs={jnn.ROUNDING_RNG: key}) ** 2).mean()
+  text = jax.jit(jax.grad(loss)).lower(variables['params'], jax.random.key(3, impl='rbg')).as_text()
+  assert impls == ['rbg', 'rbg']  # Conv_0 and depthwise, each folded with its path by Flax's make_rng
+  # the rounding bits come from RngBitGenerator (threefry only folds the path and step into the 4-word key)
+  assert 'stablehlo.rng_bit_generator' in text
+
+
 def test_explicit_op_modules_plug_into_flax_layers(rng):
   config = jnn.Int8Config(stochastic_rounding=False)
 

@@ -5,6 +5,7 @@ The end-to-end runs use configs/smoke.py with the small CNN below (``--config.mo
 a few hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
 """
 
+import functools
 import importlib
 import json
 import os
@@ -24,7 +25,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jint8 import checkpointing, divergence, metrics, models, optimizers, precision, progress, sharding, trainer
+from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optimizers, precision, progress,
+                   sharding, trainer)
 from jint8.nn import STATE_COLLECTION, Int8Model
 from test_datasets import cifar_subset  # noqa: F401  (session fixture)
 
@@ -156,33 +158,59 @@ def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, t
     assert b['accuracy'] == pytest.approx(a['accuracy'], abs=0.021)  # 2 of 100 test images
 
 
+def _lowered_train_steps(config: ml_collections.ConfigDict) -> str:
+  """The program text of ``config``'s compiled train steps (``trainer._Loop``) on synthetic data."""
+  mesh = sharding.training_mesh(config)
+  with jax.set_mesh(mesh):
+    dataset = input_pipeline.synthetic_dataset(sharding.replicated(mesh), num_train=64, num_test=64)
+    tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, 0.1), config)
+    model = precision.apply_precision(trainer.create_model(config, dataset.num_classes), config)
+    loop = trainer._Loop(config, model, tx, dataset, mesh)
+    state = trainer.abstract_state(model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
+    return loop.train_steps.lower(state, dataset, jax.ShapeDtypeStruct((64,), np.int32), np.int32(0),
+                                  np.int32(1)).as_text()
+
+
 _HASH_TRAIN_STEPS = """
 import hashlib
-import jax
-import numpy as np
 from configs import smoke
-from jint8 import input_pipeline, optimizers, precision, sharding, trainer
-config = smoke.get_config()
-mesh = sharding.training_mesh(config)
-with jax.set_mesh(mesh):
-  dataset = input_pipeline.synthetic_dataset(sharding.replicated(mesh), num_train=64, num_test=64)
-  tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, 0.1), config)
-  model = precision.apply_precision(trainer.create_model(config, dataset.num_classes), config)
-  loop = trainer._Loop(config, model, tx, dataset, mesh)
-  state = trainer.abstract_state(model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
-  lowered = loop.train_steps.lower(state, dataset, jax.ShapeDtypeStruct((64,), np.int32), np.int32(0), np.int32(1))
-  print(hashlib.sha256(lowered.as_text().encode()).hexdigest())
+from test_trainer import _lowered_train_steps
+print(hashlib.sha256(_lowered_train_steps(smoke.get_config()).encode()).hexdigest())
 """
 
 
 def test_the_int8_train_steps_lower_to_the_same_program_in_every_process():
   # JAX's persistent compilation cache keys on the program: a program that depends on Python's hash seed (a set
   # iterated while tracing) would be recompiled by every run and every resume.
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests')]), JAX_PLATFORMS='cpu')
   hashes = [subprocess.run([sys.executable, '-c', _HASH_TRAIN_STEPS], env={**env, 'PYTHONHASHSEED': seed},
                            capture_output=True, text=True, timeout=300, check=True).stdout.split()[-1]
             for seed in ('0', '1')]
   assert hashes[0] == hashes[1]
+
+
+def test_every_seed_runs_one_int8_program_and_rounds_with_its_seed(rng, monkeypatch):
+  # One program for a seed sweep: JAX's persistent compilation cache compiles it once.
+  programs = [_lowered_train_steps(_config(model='test_trainer:TinyCNN', seed=seed)) for seed in (0, 1)]
+  assert programs[0] == programs[1]
+  # One step from the same params and batch (augmented with a fixed key) under the two seeds' state.rng: only the
+  # stochastic rounding tells them apart.
+  augmented = input_pipeline.train_batch
+  monkeypatch.setattr(input_pipeline, 'train_batch', lambda *args: augmented(*args[:-1], jax.random.PRNGKey(0)))
+  replicated = sharding.replicated(sharding.data_mesh())
+  dataset = input_pipeline.synthetic_dataset(replicated, num_train=16, num_test=1, seed=int(rng.integers(2 ** 31)))
+  order = jnp.asarray(rng.permutation(16), jnp.int32)
+  for stochastic in (True, False):
+    config = _config(model='test_trainer:TinyCNN')
+    config.int8.update(stochastic_rounding=stochastic, num_candidates=8, refine=2)
+    model = precision.apply_precision(trainer.create_model(config, dataset.num_classes), config)
+    tx = precision.wrap_optimizer(optax.sgd(0.1), config)
+    state = trainer.initial_state(model, tx, dataset.image_shape, 0, replicated)
+    step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, batch_size=8, batch_sharding=replicated))
+    params = [step(state.replace(rng=jax.random.PRNGKey(seed)), dataset, order, 0)[0].params for seed in (0, 1)]
+    differ = not all(jax.tree.leaves(jax.tree.map(np.array_equal, *params)))
+    assert differ == stochastic, f'stochastic_rounding={stochastic}: the seeds give different params: {differ}'
+  assert jax.random.key_impl(trainer.rounding_key(state)) == 'rbg'  # RngBitGenerator: a fast compile
 
 
 def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
@@ -482,6 +510,7 @@ def test_a_resumed_run_is_checked_with_the_losses_it_logged_before(tmp_path):
 
 def test_int8_config_takes_the_int8_keys_of_the_config():
   config = _config()
-  config.int8.depthwise_channel_clips, config.int8.refine, config.int8.dsgc = True, 3, False
+  config.int8.depthwise_channel_clips, config.int8.refine, config.int8.dsgc, config.seed = True, 3, False, 7
   int8 = precision.int8_config(config)
-  assert int8.depthwise_channel_clips and int8.refine == 3 and not int8.dsgc and int8.seed == config.seed
+  assert int8.depthwise_channel_clips and int8.refine == 3 and not int8.dsgc
+  assert int8.seed == 0  # config.seed reaches the rounding at run time (trainer.rounding_key), not in the program

@@ -23,10 +23,12 @@ from flax import linen as nn
 from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
+from jint8.nn import ROUNDING_RNG
 from jint8.trainer import (TrainState, bind_train_step, format_record, gradient_step, make_divergence_check, multi_step,
-                           restore_or_initialize, run_length, train_loop, with_layer_stats, with_weight_levels)
+                           restore_or_initialize, rounding_key, run_length, train_loop, with_layer_stats,
+                           with_weight_levels)
 
-# Streams of randomness derived from config.seed (stream 0 initialises the model in jint8.trainer).
+# Streams of randomness derived from config.seed (jint8.trainer's stream 0 initialises the model, 4 is rounding_key).
 _ORDER, _AUGMENT = 1, 2
 BACKBONES = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50}
 
@@ -100,7 +102,7 @@ def train_step(state: TrainState, split: data.Split, order: jax.Array, index: ja
 
   def loss_fn(params, int8_state):
     outputs, updates = model.apply(state.variables(params, int8_state), batch['images'], train=True,
-                                   mutable=['batch_stats'])
+                                   mutable=['batch_stats'], rngs={ROUNDING_RNG: rounding_key(state)})
     loss, terms = losses.fcos_loss(outputs, goal, alpha=focal_alpha, gamma=focal_gamma)
     return loss, (terms, updates.get('batch_stats', {}))
 
