@@ -1,5 +1,5 @@
-"""Compares finished runs: a table of final evaluation metrics (with mean and spread over seeds, minutes of training,
-where the training loss diverged) and a PNG of curves.
+"""Compares finished runs: a table of final evaluation metrics (with mean and spread over seeds, the lowest value
+after the first tenth of the steps, minutes of training, where the training loss diverged) and a PNG of curves.
 
   python -m jint8.compare runs/resnet20-fp32-s0 runs/resnet20-fp32-s1 runs/resnet20-int8-s0 ... \\
       [--metric accuracy] [--plot compare.png [--max_step 2000]]
@@ -41,7 +41,8 @@ def training_seconds(train_records: list[dict[str, Any]], batch_size: int) -> fl
 
 
 def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | None) -> dict[str, Any]:
-  """The final and best evaluated ``metric``, the steps, the minutes of training (``None`` without the run's
+  """The final, best and lowest (after the first tenth of the steps: a dip that a run recovered from) evaluated
+  ``metric``, the steps, the minutes of training (``None`` without the run's
   ``config``), the non-finite gradient events, the largest per-layer gradient deviation and the step at which the
   training loss had diverged (``jint8.divergence`` with the default patience; ``None``: it did not) of the run in
   ``workdir``."""
@@ -54,7 +55,9 @@ def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | N
   train = [r for r in records if r['split'] == 'train']
   minutes = None if config is None else training_seconds(train, config['batch_size']) / 60
   return {'run': workdir.name, 'steps': tests[-1]['step'], 'final': tests[-1][metric],
-          'best': max(r[metric] for r in tests), 'train_minutes': minutes,
+          'best': max(r[metric] for r in tests),
+          'lowest': min(r[metric] for r in tests if r['step'] >= tests[-1]['step'] / 10),
+          'train_minutes': minutes,
           'nonfinite': sum(r.get('nonfinite', 0) for r in train),
           'max_deviation': max((r.get('grad_deviation_max', 0.0) for r in train), default=0.0),
           'diverged_at': divergence.first_divergence([(r['step'], r['loss']) for r in train if 'loss' in r])}
@@ -92,8 +95,8 @@ def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None, defaults: di
 def table(workdirs: list[pathlib.Path], metric: str, defaults: dict[str, Any] | None = None) -> str:
   """A Markdown table: a row per run, then a row per group of two or more seeds (mean +- std; ``defaults`` as
   in ``same_recipe``)."""
-  rows = [f'| run | steps | final {metric} | best | train minutes | non-finite | max deviation | diverged at |',
-          '|---|---|---|---|---|---|---|---|']
+  rows = [f'| run | steps | final {metric} | best | lowest after 10% | train minutes | non-finite | max deviation '
+          '| diverged at |', '|---|---|---|---|---|---|---|---|---|']
   groups: list[tuple[dict[str, Any] | None, list[dict[str, Any]]]] = []
   for workdir in workdirs:
     config = _config(workdir)
@@ -105,13 +108,13 @@ def table(workdirs: list[pathlib.Path], metric: str, defaults: dict[str, Any] | 
       group.append(run)
     minutes = '-' if run['train_minutes'] is None else f"{run['train_minutes']:.1f}"
     diverged = '-' if run['diverged_at'] is None else f"step {run['diverged_at']}"
-    rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {minutes} "
-                f"| {run['nonfinite']} | {run['max_deviation']:.4f} | {diverged} |")
+    rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {run['lowest']:.4f} "
+                f"| {minutes} | {run['nonfinite']} | {run['max_deviation']:.4f} | {diverged} |")
   for _, runs in groups:
     if len(runs) > 1:
       finals = [r['final'] for r in runs]
       rows.append(f"| mean of {', '.join(r['run'] for r in runs)} | | {statistics.mean(finals):.4f} "
-                  f"+- {statistics.stdev(finals):.4f} | | | | | |")
+                  f"+- {statistics.stdev(finals):.4f} | | | | | | |")
   return '\n'.join(rows)
 
 

@@ -29,14 +29,27 @@ def test_table_reports_each_run_and_the_seed_mean(tmp_path, rng):
   text = compare.table([tmp_path / n for n in runs], 'accuracy')
   minutes = 2 * (10 * 8 / 4.0 + 10 * 8 / 16.0) / 60  # four logs of 10 steps of 8 images at 4 and 16 images/s
   for name, (accuracies, deviations) in runs.items():
-    assert (f'| {name} | 40 | {accuracies[-1]:.4f} | {accuracies.max():.4f} | {minutes:.1f} | 2 '
-            f'| {deviations.max():.4f} | - |' in text)
+    assert (f'| {name} | 40 | {accuracies[-1]:.4f} | {accuracies.max():.4f} | {accuracies.min():.4f} '
+            f'| {minutes:.1f} | 2 | {deviations.max():.4f} | - |' in text)
   finals = [runs['int8-s0'][0][-1], runs['int8-s1'][0][-1]]
   assert (f'| mean of int8-s0, int8-s1 | | {np.mean(finals):.4f} +- {statistics.stdev(finals):.4f} |'
           in text)
   assert 'mean of fp32' not in text  # a group of one run has no mean row
   compare.main([str(tmp_path / n) for n in runs] + ['--plot', str(tmp_path / 'plots' / 'cmp.png')])
   assert (tmp_path / 'plots' / 'cmp.png').stat().st_size > 0
+
+
+def test_the_lowest_value_skips_the_first_tenth_of_the_steps(tmp_path, rng):
+  accuracies = rng.uniform(0.6, 0.9, size=20)
+  accuracies[0] = rng.uniform(0.0, 0.1)  # step 100 of 2,000: the first tenth, before the network learned
+  accuracies[12] = rng.uniform(0.1, 0.3)  # a dip mid-run
+  writer = metrics.MetricWriter(tmp_path / 'run')
+  for i, accuracy in enumerate(accuracies):
+    writer.write(100 * (i + 1), 'train', {'loss': 1.0 / (i + 1), 'images_per_second': 80.0})
+    writer.write(100 * (i + 1), 'test', {'accuracy': accuracy})
+  writer.close()
+  row = compare.table([tmp_path / 'run'], 'accuracy').splitlines()[-1]
+  assert row.startswith(f'| run | 2000 | {accuracies[-1]:.4f} | {accuracies.max():.4f} | {accuracies[12]:.4f} |')
 
 
 def test_the_table_names_the_step_where_a_run_diverged(tmp_path, rng):
@@ -78,7 +91,7 @@ def test_detection_runs_are_compared_on_their_validation_split(tmp_path, rng):
     (tmp_path / name / 'config.json').write_text(json.dumps({'precision': precision, 'seed': 0, 'batch_size': 4}))
   text = compare.table([tmp_path / n for n in maps], 'mAP50')
   for name, values in maps.items():
-    assert f'| {name} | 36 | {values[-1]:.4f} | {values.max():.4f} | 0.3 | 0 |' in text
+    assert f'| {name} | 36 | {values[-1]:.4f} | {values.max():.4f} | {values.min():.4f} | 0.3 | 0 |' in text
   compare.main([str(tmp_path / n) for n in maps] + ['--metric', 'mAP50', '--plot', str(tmp_path / 'det.png')])
   assert (tmp_path / 'det.png').stat().st_size > 0
 
