@@ -8,12 +8,14 @@ searched every ``period`` steps and stored instead of a max-abs reduction per st
 ``int8-float-depthwise`` (as ``int8``, depthwise convs in bf16: ``Int8Policy(keep_depthwise_float=True)``) and
 ``int8-depthwise-channel-clips`` (as ``int8``, depthwise weights with a clip per channel:
 ``Int8Config(depthwise_channel_clips=True)``).
-The table's header names ``XLA_FLAGS`` when set. The modes of one model compile at once on
-``--compile_workers`` threads, then run one after another on an otherwise idle device. Synthetic data; SGD with
-momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps after warm-up, the
-ratio to bf16 and the compiled step's memory from XLA's memory analysis) and writes it as markdown and JSON under
-``--out``. With ``--profile`` it also traces 5 steps of each row and tabulates the device time by kernel
-category (``kernel_profile.py``: int8 kernels, quantization, XLA convs, layout copies, BN/ReLU fusions, idle).
+The table's header names ``XLA_FLAGS`` when set. The modes of one model compile one after another (or at once on
+``--compile_workers`` threads: faster, but XLA then times its cuDNN conv candidates while other compiles use the
+GPU, which may pick slower algorithms for the bf16 row), then run one after another on an otherwise idle device.
+Synthetic data; SGD with momentum; BN in the model's dtype. Prints a table (median images/s over ``--steps`` steps
+after warm-up, the ratio to bf16 and the compiled step's memory from XLA's memory analysis) and writes it as
+markdown and JSON under ``--out``. With ``--profile`` it also traces 5 steps of each row and tabulates the device
+time by kernel category (``kernel_profile.py``: int8 kernels, quantization, XLA convs, layout copies, BN/ReLU
+fusions, idle).
 
   python bench/train_step.py --models resnet50,resnet20,mobilenet_v2 --backend pallas [--profile] --out $OUT
 """
@@ -164,8 +166,9 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--out', default='bench/results')
-  parser.add_argument('--compile_workers', type=int, default=len(MODES),
-                      help='modes of one model compiled at once (1: one after another)')
+  parser.add_argument('--compile_workers', type=int, default=1,
+                      help='modes of one model compiled at once; more saves compile time but may slow the XLA '
+                           'rows (bench/RESULTS.md: autotuning timed under concurrent compiles)')
   parser.add_argument('--profile', action='store_true', help='trace 5 steps per row: device time by kernel kind')
   args = parser.parse_args()
   for name in args.models.split(','):
@@ -194,7 +197,8 @@ def main():
 
   device = jax.devices()[0].device_kind
   header = (f'train step, {device}, JAX {jax.__version__}, backend {args.backend}, '
-            f'{datetime.date.today().isoformat()}, median of {args.steps} steps'
+            f'{datetime.date.today().isoformat()}, median of {args.steps} steps, '
+            f'{args.compile_workers} compile worker(s)'
             + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get('XLA_FLAGS') else ''))
   lines = [header, '', '| model | mode | batch | img/s | vs bf16 | step ms | peak memory GiB | vs bf16 '
            '| compiled after s |',
