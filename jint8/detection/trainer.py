@@ -28,7 +28,8 @@ from jint8.trainer import (TrainState, bind_train_step, format_record, gradient_
                            restore_or_initialize, rounding_key, run_length, train_loop, with_layer_stats,
                            with_weight_levels)
 
-# Streams of randomness derived from config.seed (jint8.trainer's stream 0 initialises the model, 4 is rounding_key).
+# Streams of randomness derived from config.seed, numbered as jint8.trainer's (whose own streams initialise the
+# model and seed rounding_key).
 _ORDER, _AUGMENT = 1, 2
 BACKBONES = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50}
 
