@@ -143,9 +143,8 @@ def train_step(state: TrainState, dataset: input_pipeline.Dataset, order: jax.Ar
   Returns the new state and the step's metrics: ``loss``, ``accuracy`` and, for int8, ``layers`` (per-layer
   ``grad_clip``, ``grad_deviation``, ``input_clip``, ``nonfinite`` of this step).
   """
-  augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT), state.step)
-  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT), state.step)
-  images, labels = input_pipeline.train_batch(dataset, order, index, batch_size, augment_rng)
+  dropout_rng = _step_key(state, _DROPOUT)
+  images, labels = input_pipeline.train_batch(dataset, order, index, batch_size, augment_key(state))
   images = jax.lax.with_sharding_constraint(images, batch_sharding)
   labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
 
@@ -160,10 +159,24 @@ def train_step(state: TrainState, dataset: input_pipeline.Dataset, order: jax.Ar
                                      new_state)
 
 
+def _step_key(state: TrainState, stream: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(state.rng, stream), state.step)
+
+
+def augment_key(state: TrainState) -> jax.Array:
+  """The data-augmentation key of ``state``'s step."""
+  return _step_key(state, _AUGMENT)
+
+
+def order_key(state: TrainState) -> jax.Array:
+  """The key that orders the training examples, with the epoch folded in (``input_pipeline.epoch_order``)."""
+  return jax.random.fold_in(state.rng, _ORDER)
+
+
 def rounding_key(state: TrainState) -> jax.Array:
   """The int8 ops' stochastic-rounding key of ``state``'s step (the ``jint8.nn.ROUNDING_RNG`` stream), derived
   from ``state.rng`` at run time: one compiled step for every seed. An ``rbg`` key, as ``jint8.nn`` wants."""
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, _ROUNDING), state.step)
+  rng = _step_key(state, _ROUNDING)
   return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
 
 
@@ -320,7 +333,7 @@ class _Loop:
     self._order = jax.jit(input_pipeline.epoch_order, static_argnums=2, out_shardings=replicated)
 
   def order(self, state: TrainState, epoch: int) -> jax.Array:
-    return self._order(jax.random.fold_in(state.rng, _ORDER), epoch, self.dataset.train.num_examples)
+    return self._order(order_key(state), epoch, self.dataset.train.num_examples)
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Test-set ``loss`` and ``accuracy``."""

@@ -213,6 +213,18 @@ def test_every_seed_runs_one_int8_program_and_rounds_with_its_seed(rng, monkeypa
   assert jax.random.key_impl(trainer.rounding_key(state)) == 'rbg'  # RngBitGenerator: a fast compile
 
 
+def test_randomness_streams_are_distinct_and_per_step(rng):
+  """Order, augmentation and rounding keys (shared by both trainers) differ; the per-step ones change each step."""
+  state = trainer.TrainState(step=jnp.asarray(int(rng.integers(1000))), params={}, batch_stats={}, int8_state={},
+                             opt_state=(), rng=jax.random.PRNGKey(int(rng.integers(2 ** 31))))
+  later = state.replace(step=state.step + 1)
+  keys = [trainer.order_key(state), trainer.augment_key(state), trainer.augment_key(later),
+          jax.random.key_data(trainer.rounding_key(state))[:2], jax.random.key_data(trainer.rounding_key(later))[:2]]
+  keys = {tuple(np.asarray(k).tolist()) for k in keys}  # two uint32 words each
+  assert len(keys) == 5
+  np.testing.assert_array_equal(trainer.order_key(state), trainer.order_key(later))
+
+
 def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
   process = subprocess.run(
       [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',

@@ -24,13 +24,10 @@ from jint8 import metrics, models, optimizers, precision, progress, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
 from jint8.nn import ROUNDING_RNG
-from jint8.trainer import (TrainState, bind_train_step, format_record, gradient_step, make_divergence_check, multi_step,
-                           restore_or_initialize, rounding_key, run_length, train_loop, with_layer_stats,
-                           with_weight_levels)
+from jint8.trainer import (TrainState, augment_key, bind_train_step, format_record, gradient_step,
+                           make_divergence_check, multi_step, order_key, restore_or_initialize, rounding_key,
+                           run_length, train_loop, with_layer_stats, with_weight_levels)
 
-# Streams of randomness derived from config.seed, numbered as jint8.trainer's (whose own streams initialise the
-# model and seed rounding_key).
-_ORDER, _AUGMENT = 1, 2
 BACKBONES = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50}
 
 
@@ -96,8 +93,7 @@ def train_step(state: TrainState, split: data.Split, order: jax.Array, index: ja
 
   Returns the new state and the step's metrics: the loss and its terms and, for int8, ``layers``.
   """
-  augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT), state.step)
-  batch = data.train_batch(split, order, index, batch_size, augment_rng, flips)
+  batch = data.train_batch(split, order, index, batch_size, augment_key(state), flips)
   batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
   goal = locations.targets(batch['boxes'], batch['labels'], batch['valid'])
 
@@ -143,7 +139,7 @@ class _Loop:
     self._order = jax.jit(epoch_order, static_argnums=2, out_shardings=replicated)
 
   def order(self, state: TrainState, epoch: int) -> jax.Array:
-    return self._order(jax.random.fold_in(state.rng, _ORDER), epoch, self.train.num_examples)
+    return self._order(order_key(state), epoch, self.train.num_examples)
 
   def predict(self, state: TrainState) -> list[dict[str, np.ndarray]]:
     """Detections of every evaluation image after NMS, in resized-image pixels."""
