@@ -209,9 +209,8 @@ def with_weight_levels(record: dict[str, Any], state: TrainState) -> dict[str, A
   """``record`` with each int8 layer's ``weight_levels`` (``jint8.nn.weight_levels``) at ``state``."""
   if 'layers' not in record:
     return record
-  levels = layer_stats(state.int8_state, state.params)
-  return dict(record, layers={name: {**stats, **{k: v for k, v in levels[name].items() if k == 'weight_levels'}}
-                              for name, stats in record['layers'].items()})
+  now = layer_stats(state.int8_state, state.params)  # the record's loop-combined stats win over this step's
+  return dict(record, layers={name: dict(now[name], **stats) for name, stats in record['layers'].items()})
 
 
 def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Array, *, model: nn.Module,
