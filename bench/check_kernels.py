@@ -6,8 +6,9 @@ on int8 operands at batch ``--batch`` and is compared
   sum stays below 2^24, so float32 holds it however the sum is split);
 - by relative error ||out - ref|| / ||ref|| with a float32 conv at HIGHEST precision on the GPU, on
   full-range integers (float32 sums of these round, so expect about 1e-7).
-The quantizers are compared with ``jint8.quant`` on the CPU (IEEE division: bit-exact round to nearest, the
-same DSGC clip) and checked for unbiased stochastic rounding; the GEMM exactly with XLA's int8 dot.
+The jnp quantizers compiled for the GPU are compared with the same code on the CPU (bit for bit, round to nearest
+and stochastic), the Pallas DSGC search with the reference's, stochastic rounding checked for bias; the GEMM
+exactly with XLA's int8 dot.
 
   PYTHONPATH=. python bench/check_kernels.py [--batch 2] [--quick] [--out DIR]
 
@@ -131,49 +132,40 @@ def check_convs(args, results: list, key):
 
 
 def check_quantizers(args, results: list, key):
-  be, ref = PallasBackend(), backend.XlaBackend()
+  """The jnp quantizers compiled for the GPU against the same code on the CPU, and the Pallas DSGC search against
+  the reference backend's."""
   cpu = jax.devices('cpu')[0]
   n = 8 * 56 * 56 * (1 if args.smoke else 64)
+  seeds = jnp.asarray([12345, 678], jnp.uint32)
   for dtype in (jnp.float32, jnp.bfloat16):
     key, k = jax.random.split(key)
     x = (jax.random.normal(k, (n,)) * 3).astype(dtype)
     clip = jnp.float32(2.5)
-    q = np.asarray(be.quantize(x, clip))
-    q_cpu = np.asarray(quant.quantize(jax.device_put(x, cpu), jax.device_put(clip, cpu)))
-    q_gpu = np.asarray(quant.quantize(x, clip))
-    results.append((f'quantize RTN {jnp.dtype(dtype).name} n={n}',
-                    f'{int(np.sum(q != q_cpu))} differ from jint8.quant on the CPU, '
-                    f'{int(np.sum(q != q_gpu))} from jint8.quant (XLA) on the GPU', bool(np.all(q == q_cpu))))
+    for rounding, s in (('RTN', None), ('SR', seeds)):
+      run = jax.jit(lambda x, c, s: quant.quantize(x, c, seeds=s))
+      q_gpu = np.asarray(run(x, clip, s))
+      q_cpu = np.asarray(run(*jax.device_put((x, clip, s), cpu)))
+      results.append((f'quantize {rounding} {jnp.dtype(dtype).name} n={n}',
+                      f'{int(np.sum(q_gpu != q_cpu))} differ from the CPU', bool(np.all(q_gpu == q_cpu))))
   ratios = quant.candidate_ratios()
-  key, k, ks = jax.random.split(key, 3)
+  key, k = jax.random.split(key)
   g = jax.random.t(k, 2.0, (n,)) * 1e-3  # sharp and wide, like a gradient
-  g_cpu = jax.device_put(g, cpu)
-  for search, clip in ((1, 0.0), (0, 3e-3)):
-    out = be.quantize_gradient(g, be.search_clip(g, jnp.float32(clip), jnp.int32(search), ratios=ratios, refine=8),
-                               ks, stochastic=False)
-    clip_cpu, search_cpu, ks_cpu = jax.device_put((jnp.float32(clip), jnp.int32(search), ks), cpu)
-    out_ref = ref.quantize_gradient(g_cpu, ref.search_clip(g_cpu, clip_cpu, search_cpu, ratios=ratios, refine=8),
-                                    ks_cpu, stochastic=False)
-    out, out_ref = jax.device_get(out), jax.device_get(out_ref)
-    same_clip = float(out[1]) == float(out_ref[1])
-    same_q = bool(np.all(out[0] == out_ref[0]))
-    dev_err = abs(float(out[2]) - float(out_ref[2]))
-    results.append((f'quantize_gradient search={search} RTN',
-                    f'clip {float(out[1]):.6g} vs {float(out_ref[1]):.6g} (CPU), q differ '
-                    f'{int(np.sum(out[0] != out_ref[0]))}, |d - d_ref| {dev_err:.2e}',
-                    same_clip and same_q and dev_err <= 1e-4 * max(float(out_ref[2]), 1e-3) + 1e-6))
-  clip = jnp.float32(3e-3)
-  gq, _, dev, finite = be.quantize_gradient(g, clip, ks, stochastic=True)
-  v = jnp.clip(g / clip, -1, 1) * quant.QMAX
+  clip = float(PallasBackend().search_clip(g, ratios=ratios, refine=8))
+  clip_ref = float(backend.XlaBackend().search_clip(jax.device_put(g, cpu), ratios=ratios, refine=8))
+  results.append(('search_clip (Pallas) vs XlaBackend on the CPU', f'clip {clip:.6g} vs {clip_ref:.6g}',
+                  abs(clip - clip_ref) <= 1e-5 * clip_ref))
+  gq = quant.quantize(g, jnp.float32(3e-3), seeds=seeds)
+  sums = quant.deviation_sums(g, gq, jnp.float32(3e-3))
+  v = jnp.clip(g / 3e-3, -1, 1) * quant.QMAX
   bias = float(jnp.mean(gq.astype(jnp.float32) - v))
   spread = float(jnp.max(jnp.abs(gq.astype(jnp.float32) - v)))
   bound = 5 * 0.5 / np.sqrt(n)
-  results.append(('quantize_gradient stochastic',
-                  f'mean(q - v) {bias:.2e} (|.| < {bound:.1e}), max|q - v| {spread:.3f}, finite {bool(finite)}',
-                  abs(bias) < bound and spread <= 1.0 and bool(finite)))
+  results.append(('quantize stochastic',
+                  f'mean(q - v) {bias:.2e} (|.| < {bound:.1e}), max|q - v| {spread:.3f}, finite {bool(sums.finite())}',
+                  abs(bias) < bound and spread <= 1.0 and bool(sums.finite())))
   bad = g.at[12345].set(jnp.inf)
-  finite = be.quantize_gradient(bad, clip, ks, stochastic=True)[3]
-  results.append(('quantize_gradient inf', f'finite={bool(finite)}', not bool(finite)))
+  finite = quant.deviation_sums(bad, gq, jnp.float32(3e-3)).finite()
+  results.append(('deviation sums of a gradient with an inf', f'finite={bool(finite)}', not bool(finite)))
   return key
 
 

@@ -147,28 +147,29 @@ def bench_gemm(rec: Recorder, size: int):
 
 
 def bench_quantizers(rec: Recorder, n: int):
-  be, ref = PallasBackend(), backend.XlaBackend()
+  """The jnp quantizers alone (each one pass of its own here; in a train step they fuse into their producers)."""
+  be = PallasBackend()
   x = jax.random.normal(jax.random.key(2), (n,), jnp.bfloat16)
   g = (jax.random.t(jax.random.key(3), 2.0, (n,)) * 1e-3).astype(jnp.bfloat16)
   ratios = quant.candidate_ratios()
-  key = jax.random.key(4)
+  seeds = jnp.asarray([3, 4], jnp.uint32)
   info = dict(elements=n, bytes=3 * n)  # bf16 in, int8 out
   rec.time('quant', f'copy x+1 bf16 n={n}', jax.jit(lambda v: v + 1), x, elements=n, bytes=4 * n)
 
-  def gradient(be, clip):  # clip: 'stored' (given), 'max-abs' (no DSGC) or 'search' (a DSGC search step)
-    def run(v, k):
-      c = {'stored': jnp.float32(3e-3), 'max-abs': None}.get(clip)
+  def gradient(clip):  # clip: 'stored' (given), 'max-abs' (no DSGC) or 'search' (a DSGC search step)
+    def run(v, s):
+      c = {'stored': jnp.float32(3e-3), 'max-abs': quant.safe_clip(quant.max_abs(v))}.get(clip)
       if clip == 'search':
-        c = be.search_clip(v, jnp.float32(3e-3), jnp.int32(1), ratios=ratios, refine=8)
-      return be.quantize_gradient(v, c, k, stochastic=True)
+        c = be.search_clip(v, ratios=ratios, refine=8)
+      q = quant.quantize(v, c, seeds=s)
+      return q, quant.deviation_sums(v, q, c)
     return jax.jit(run)
 
-  rec.time('quant', f'pallas RTN (clip given) n={n}', jax.jit(lambda v: be.quantize(v, jnp.float32(2.0))), x,
+  rec.time('quant', f'jnp RTN (clip given) n={n}', jax.jit(lambda v: quant.quantize(v, jnp.float32(2.0))), x,
            **info)
-  rec.time('quant', f'pallas grad SR+deviation (stored clip) n={n}', gradient(be, 'stored'), g, key, **info)
-  rec.time('quant', f'xla grad SR+deviation (stored clip) n={n}', gradient(ref, 'stored'), g, key, **info)
-  rec.time('quant', f'pallas grad max-abs clip (no DSGC) n={n}', gradient(be, 'max-abs'), g, key, **info)
-  rec.time('quant', f'pallas grad DSGC search step n={n}', gradient(be, 'search'), g, key, **info)
+  rec.time('quant', f'jnp grad SR+deviation (stored clip) n={n}', gradient('stored'), g, seeds, **info)
+  rec.time('quant', f'jnp grad max-abs clip (no DSGC) n={n}', gradient('max-abs'), g, seeds, **info)
+  rec.time('quant', f'grad DSGC search step (Pallas search) n={n}', gradient('search'), g, seeds, **info)
 
 
 def bench_conv(rec: Recorder, layer: Conv, seed: int, wgrad_layouts=(), fwd_warps=()):
@@ -196,9 +197,11 @@ def bench_conv(rec: Recorder, layer: Conv, seed: int, wgrad_layouts=(), fwd_warp
   rec.time('conv', 'bf16 wgrad', jax.jit(lambda x, w, g: jax.vjp(lambda v: bf16_fwd(x, v), w)[1](g)[0]),
            x, w, g, **info)
   rec.time('conv', 'int8 quantize x, w (max-abs + RTN)', jax.jit(
-      lambda x, w: (be.quantize(x, quant.max_abs(x)), be.quantize(w, quant.max_abs(w)))), x, w, **info)
+      lambda x, w: (quant.quantize(x, quant.max_abs(x)), quant.quantize(w, quant.max_abs(w)))), x, w, **info)
+  seeds = jnp.asarray([5, 6], jnp.uint32)
   rec.time('conv', 'int8 quantize g (SR + deviation)', jax.jit(
-      lambda g, k: be.quantize_gradient(g, jnp.float32(1e-3), k, stochastic=True)), g, jax.random.key(5), **info)
+      lambda g, s: (lambda q: (q, quant.deviation_sums(g, q, 1e-3)))(quant.quantize(g, 1e-3, seeds=s))), g, seeds,
+           **info)
   plan = {op: be.plan(op, x.shape, w.shape, geom) for op in ('conv', 'dgrad', 'wgrad')}
   rec.time('conv', f'int8 fwd {plan["conv"]}', jax.jit(lambda x, w: be.conv(x, w, geom, 0.5)), xq, wq, **info)
   rec.time('conv', f'int8 dgrad {plan["dgrad"]}', jax.jit(lambda g, w: be.conv_dgrad(g, w, geom, spatial, 0.5)),

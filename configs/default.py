@@ -37,12 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.int8.min_ratio = 2.0 ** -8
   config.int8.refine = 8  # clips scored in a second pass around the best candidate (0: none)
   config.int8.stochastic_rounding = True
-  config.int8.input_clip = 'maxabs'  # or 'stored'
+  # Activation clip: 'delayed' (the largest max-abs of the last `history` steps: the quantizer fuses into the op
+  # producing the activation) or 'maxabs' (this step's max-abs: exact, a reduction pass of its own)
+  config.int8.input_clip = 'delayed'
+  config.int8.history = 16
   # Depthwise convs quantize their weights with a clip per channel (exact: they never sum over channels)
   config.int8.depthwise_channel_clips = False
-  # Trace the train step twice, with the DSGC search code for search steps and without it for the steps between
-  # (jint8.optim.search_cond): fewer kernels per layer on those steps, twice the compilation time.
-  config.int8.separate_search_trace = True
   config.int8.dclr = True  # Deviation Counteractive LR scaling: layer update * max(exp(-alpha d), beta)
   config.int8.alpha = 20.0
   config.int8.beta = 0.1

@@ -46,6 +46,9 @@ def get_config():
   config.num_visualize = 6  # validation images in detections.png (0: none)
 
   config.precision = 'int8'
+  # The head is shared by the pyramid levels, whose activations differ in range: the delayed clip averages their
+  # maxima (jint8.state), so each application clips at its own max-abs instead.
+  config.int8.input_clip = 'maxabs'
   config.optimizer.name = 'sgd'
   config.optimizer.kwargs = ml_collections.ConfigDict({'momentum': 0.9, 'nesterov': True})
   config.optimizer.learning_rate = 0.01

@@ -1,9 +1,11 @@
 """jint8: unified INT8 training of convolutional networks in JAX/Flax.
 
-``jint8.nn`` makes Flax models int8 (``Int8Model``, ``Int8ConvGeneralDilated``, ``Int8DotGeneral``);
-``jint8.optim`` composes DSGC and DCLR with any optax optimizer; ``jint8.quant`` holds the quantization math.
+``jint8.nn`` makes Flax models int8 (``Int8Model``, ``Int8ConvGeneralDilated``, ``Int8DotGeneral``) and runs a
+train step in the trace it needs (``search_cond``: DSGC searches every ``period`` steps); ``jint8.state`` owns the
+layers' quantization state (``update`` writes what the backward passes report); ``jint8.optim`` composes DCLR
+with any optax optimizer; ``jint8.quant`` holds the quantization math.
 """
 
-from jint8 import nn, ops, optim, quant
+from jint8 import nn, ops, optim, quant, state
 
 __version__ = '0.1.0'

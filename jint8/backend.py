@@ -1,7 +1,8 @@
 """Integer compute backends for the int8 ops.
 
-A backend does the int8 work of one conv or dense layer: quantizers, and int8 x int8 products accumulated in
-int32 and rescaled in float32 in the epilogue. Layouts are canonical, channels last:
+A backend does the int8 work of one conv or dense layer: int8 x int8 products accumulated in int32 and rescaled
+in float32 in the epilogue, and the DSGC search of search steps. (The quantizers are jnp in ``jint8.ops``, so that
+they fuse into the ops producing their inputs.) Layouts are canonical, channels last:
 
   conv input   lhs  [N, *S, Cin]            (S: spatial input size)
   conv kernel  rhs  [*K, Cin // G, Cout]    (G: feature_group_count)
@@ -63,21 +64,8 @@ class Backend(Protocol):
 
   name: str
 
-  def quantize(self, x: jax.Array, clip: jax.Array) -> jax.Array:
-    """Round-to-nearest int8 quantization of ``x`` with a per-tensor clip (activations, weights)."""
-
-  def search_clip(self, x: jax.Array, clip: jax.Array, search: jax.Array, *, ratios: np.ndarray,
-                  refine: int) -> jax.Array:
-    """The clip of ``x`` found by ``quant.dsgc_search`` over ``ratios`` when ``search > 0`` or there is no clip
-    yet (``clip <= 0``), else the stored ``clip``; the search passes run only when needed."""
-
-  def quantize_gradient(self, g: jax.Array, clip: jax.Array | None, key: jax.Array, *, stochastic: bool):
-    """Quantizes a gradient at ``clip`` (``None``: max|g|) with stochastic or round-to-nearest rounding:
-    ``(gq int8, clip_used, deviation, finite)``.
-
-    ``deviation`` is the cosine deviation of ``g`` against the int8 result, measured on every call. A
-    non-finite ``g`` gives ``finite = False`` and meaningless other outputs: the caller must not use them.
-    """
+  def search_clip(self, g: jax.Array, *, ratios: np.ndarray, refine: int) -> jax.Array:
+    """The DSGC clip of ``g``: ``quant.dsgc_search`` over ``ratios`` (run on search steps only)."""
 
   def conv(self, lhs: jax.Array, rhs: jax.Array, geometry: ConvGeometry, scale: jax.Array,
            out_dtype=jnp.float32) -> jax.Array:
@@ -132,19 +120,8 @@ class XlaBackend:
 
   name = 'xla'
 
-  def quantize(self, x, clip):
-    return quant.quantize(x, clip)
-
-  def search_clip(self, x, clip, search, *, ratios, refine):
-    return lax.cond(quant.needs_search(search, clip), lambda: quant.dsgc_search(x, ratios, refine).clip,
-                    lambda: quant.safe_clip(clip))
-
-  def quantize_gradient(self, g, clip, key, *, stochastic):
-    finite = quant.all_finite(g)
-    g = jnp.where(finite, g, jnp.zeros_like(g))
-    clip = quant.safe_clip(quant.max_abs(g) if clip is None else clip)
-    gq = quant.quantize(g, clip, key=key if stochastic else None)
-    return gq, clip, quant.cosine_deviation(g, gq), finite
+  def search_clip(self, g, *, ratios, refine):
+    return quant.dsgc_search(g, ratios, refine).clip
 
   def conv(self, lhs, rhs, geometry, scale, out_dtype=jnp.float32):
     nd = geometry.ndim

@@ -122,7 +122,8 @@ MAX_LEGEND_LAYERS = 20  # plot_layers names up to this many layers in a legend
 
 
 def plot_layers(records: list[dict[str, Any]], path: str | os.PathLike,
-                stats: tuple[str, ...] = ('grad_deviation', 'grad_clip', 'input_clip', 'weight_levels')) -> bool:
+                stats: tuple[str, ...] = ('grad_deviation', 'grad_clip', 'input_clip', 'input_saturation',
+                                          'weight_levels')) -> bool:
   """One PNG with a panel per statistic in ``stats`` that the records hold, a line per layer over training (clips
   and weight levels on a log scale).
 

@@ -8,9 +8,10 @@ The op modules plug into Flax's own layers::
 and keep their quantization state in the variable collection ``STATE_COLLECTION``. ``Int8Model`` makes every
 ``nn.Conv`` / ``nn.Dense`` of an existing model int8 without touching the model's code.
 
-The stochastic rounding of the gradients draws from the rng stream ``ROUNDING_RNG`` when ``apply`` is given one
-(``rngs={ROUNDING_RNG: jax.random.key(seed, impl='rbg')}``, a traced key: one compiled program for every seed, as
-the trainers do); without it, from the static ``Int8Config.seed``.
+The stochastic rounding of the gradients draws its seeds from the rng stream ``ROUNDING_RNG``, which a train step
+must give ``apply`` with a new key every step (``rngs={ROUNDING_RNG: key}``, a traced key: one compiled program
+for every seed, as the trainers do); a forward pass alone needs none. ``search_cond`` runs a train step in the
+trace it needs: with the DSGC search (every ``period`` steps) or without it.
 """
 
 from __future__ import annotations
@@ -19,46 +20,38 @@ import contextlib
 import dataclasses
 import functools
 import re
-import zlib
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from flax import traverse_util
 
 from jint8 import ops, quant
-from jint8.ops import Int8Config, QuantState
+from jint8 import state as quant_state
+from jint8.ops import Int8Config
+from jint8.state import STATE_COLLECTION, QuantState
 
-STATE_COLLECTION = 'int8_state'
 ROUNDING_RNG = 'int8'
 
 __all__ = ['ROUNDING_RNG', 'STATE_COLLECTION', 'Int8Config', 'Int8ConvGeneralDilated', 'Int8DotGeneral', 'Int8Model',
-           'Int8Policy', 'layer_stats', 'record_layer_order']
+           'Int8Policy', 'record_layer_order', 'search_cond']
 
 
 class _Int8Op(nn.Module):
-  """Owns a layer's ``QuantState`` variables and derives the per-step rounding key."""
+  """Owns a layer's ``QuantState`` variables and takes the rounding seeds from the ``ROUNDING_RNG`` stream."""
 
   config: Int8Config = Int8Config()
 
   def quant_state(self) -> QuantState:
-    initial = QuantState.initial()
+    initial = QuantState.initial(self.config.history)
     return QuantState(*(self.variable(STATE_COLLECTION, name, lambda v=value: v).value
                         for name, value in zip(QuantState._fields, initial)))
 
-  def rounding_key(self, step: jax.Array) -> jax.Array:
-    """A key that differs per seed, layer (its module path) and optimizer step.
-
-    The seed is the ``ROUNDING_RNG`` stream's key when ``apply`` has one (``make_rng`` folds in the module path),
-    by default ``config.seed`` with the path's crc32. The stream's key should be an ``rbg`` key, as the default:
-    its RngBitGenerator compiles much faster than threefry, which matters with one gradient shape per layer.
-    """
-    if self.has_rng(ROUNDING_RNG):
-      key = self.make_rng(ROUNDING_RNG)
-    else:
-      layer = zlib.crc32('/'.join(self.path).encode()) & 0x7FFFFFFF
-      key = jax.random.fold_in(jax.random.key(self.config.seed, impl='rbg'), layer)
-    return jax.random.fold_in(key, step.astype(jnp.uint32))
+  def rounding_seeds(self) -> jax.Array | None:
+    """The seeds of this application's stochastic rounding, from the ``ROUNDING_RNG`` stream's key (``make_rng``
+    folds in the layer's path and a count of its applications); ``None`` without the stream, which only a
+    forward pass may do (the backward pass then asks for it)."""
+    return quant.rounding_seeds(self.make_rng(ROUNDING_RNG)) if self.has_rng(ROUNDING_RNG) else None
 
 
 class Int8ConvGeneralDilated(_Int8Op):
@@ -68,11 +61,10 @@ class Int8ConvGeneralDilated(_Int8Op):
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                preferred_element_type=None):
-    state = self.quant_state()
     return ops.int8_conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type, state=state,
-        key=self.rounding_key(state.step), config=self.config)
+        feature_group_count, batch_group_count, precision, preferred_element_type, state=self.quant_state(),
+        seeds=self.rounding_seeds(), config=self.config)
 
 
 class Int8DotGeneral(_Int8Op):
@@ -80,9 +72,8 @@ class Int8DotGeneral(_Int8Op):
 
   @nn.compact
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    state = self.quant_state()
     return ops.int8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                                state=state, key=self.rounding_key(state.step), config=self.config)
+                                state=self.quant_state(), seeds=self.rounding_seeds(), config=self.config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,25 +170,22 @@ def record_layer_order():
     yield order
 
 
-def layer_stats(int8_state, params=None) -> dict[str, dict[str, jax.Array]]:
-  """Per-layer ``grad_clip``, ``grad_deviation``, ``input_clip``, ``nonfinite`` keyed by the layer's path; with
-  ``params``, also the ``weight_levels`` of each layer's ``kernel``."""
-  stats: dict[str, dict[str, jax.Array]] = {}
-  for path, value in traverse_util.flatten_dict(dict(int8_state)).items():
-    if path[-1] in ('grad_clip', 'grad_deviation', 'input_clip', 'nonfinite'):
-      stats.setdefault('/'.join(path[:-2]), {})[path[-1]] = value
-  if params is not None:
-    kernels = {'/'.join(path[:-1]): value for path, value in traverse_util.flatten_dict(dict(params)).items()
-               if path[-1] == 'kernel'}
-    for name, layer in stats.items():
-      if name in kernels:
-        layer['weight_levels'] = weight_levels(kernels[name])
-  return stats
+def search_cond(step_fn: Callable[..., Any], model: nn.Module, int8_state: Any, step: jax.Array, period: int,
+                *args) -> Any:
+  """``step_fn(model, *args)``, for an ``Int8Model`` traced twice and chosen by ``lax.cond``.
 
-
-def weight_levels(kernel: jax.Array) -> jax.Array:
-  """The int8 levels that the output channel (last axis) of smallest max-abs keeps when the kernel is quantized
-  with one clip per tensor: ``127 * min_c max|w_c| / max|w|``. A few levels mean that channel is mostly rounding
-  (``Int8Config.depthwise_channel_clips`` gives depthwise convs a clip per channel)."""
-  per_channel = quant.max_abs(kernel, axis=-1)
-  return quant.QMAX * jnp.min(per_channel) / quant.safe_clip(jnp.max(per_channel))
+  On the steps where the search is due (``jint8.state.search_due``: every ``period`` steps, and while a layer
+  lacks a clip) ``model`` runs with ``Int8Config(searches=True)``: the DSGC search of every gradient clip and
+  exact activation clips; on the others with ``searches=False``: the stored and delayed clips, no search code,
+  every quantizer fused into its producer. The cost is compiling the step twice. Put the whole step (forward,
+  backward and the state and optimizer updates) in ``step_fn``: differentiating through the ``lax.cond`` would
+  keep both branches' residuals. A float model (no int8 state) runs as it is.
+  """
+  if not isinstance(model, Int8Model) or not jax.tree_util.tree_leaves(int8_state):
+    return step_fn(model, *args)
+  config = model.config
+  search = model.clone(config=dataclasses.replace(config, searches=True))
+  steady = model.clone(config=dataclasses.replace(config, searches=False))
+  due = quant_state.search_due(int8_state, step, period, dsgc=config.dsgc,
+                               delayed_input_clip=config.input_clip == 'delayed')
+  return jax.lax.cond(due, lambda: step_fn(search, *args), lambda: step_fn(steady, *args))

@@ -2,15 +2,17 @@
 
 Forward: input and weight are quantized (round to nearest) and multiplied as int8 with int32 accumulation.
 Backward: the incoming gradient is quantized with the layer's clip value (DSGC) and stochastic rounding; both
-grad-input and grad-weight are int8 products. The cotangent of the layer's ``QuantState`` carries the new state
-(the clip used, the measured deviation, ...) out of the backward pass: see docs/design.md.
+grad-input and grad-weight are int8 products. The quantizers are plain jnp with clips known before their input
+is produced (the delayed activation clip, the stored gradient clip), so inside a jitted step XLA fuses them, and
+the statistics they report, into the ops that produce their inputs: no quantization pass of their own. The
+cotangent of the layer's ``QuantState`` carries the new state (the clips used, the measured deviation, ...) out
+of the backward pass: see ``jint8.state`` and docs/design.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,9 @@ from jax import lax
 
 from jint8 import quant
 from jint8.backend import ConvGeometry, get_backend, is_depthwise
+from jint8.state import HISTORY, QuantState
+
+INPUT_CLIPS = ('delayed', 'maxabs')
 
 _INV_QMAX2 = 1.0 / (quant.QMAX * quant.QMAX)
 
@@ -30,7 +35,8 @@ class Int8Config:
   Attributes:
     backend: ``"auto"`` (``"pallas"`` on a GPU, else ``"xla"``), ``"xla"`` (exact reference, any device) or
       ``"pallas"`` (GPU kernels; interpreted elsewhere, slowly).
-    dsgc: search the gradient clip value (Direction Sensitive Gradient Clipping); ``False`` clips at max|g|.
+    dsgc: search the gradient clip value (Direction Sensitive Gradient Clipping); ``False`` clips at max|g|
+      (a separate max-abs pass before the quantizer).
     stochastic_rounding: round gradients stochastically (unbiased); ``False`` rounds to nearest.
     num_candidates, min_ratio: the DSGC grid, ``num_candidates`` geometric ratios of max|g| from 1 to
       ``min_ratio``.
@@ -38,14 +44,14 @@ class Int8Config:
     depthwise_channel_clips: depthwise convs (one input channel per output channel) quantize their weights with a
       max-abs clip per channel instead of one per tensor, so that a channel of small weights keeps its int8
       levels; exact in the forward conv, dgrad and wgrad, which never sum over channels. Other layers ignore it.
-    input_clip: ``"maxabs"`` clips activations at their max-abs each step; ``"stored"`` searches the clip
-      with DSGC on search steps and reuses it in between (values beyond it saturate; experimental: it has not
-      trained a model, and bench/RESULTS.md saw its loss rise on synthetic data where ``"maxabs"``'s did not).
-    searches: ``False`` traces a step between two searches: every layer uses its stored clips whatever its
-      ``search`` flag says, and no search code is traced (fewer kernels per layer). Only for layers that have
-      clips already; ``jint8.optim.needs_search`` tells when a step must be traced with ``True``.
-    seed: seed of the stochastic rounding (combined with the layer's path and the step) when the model is applied
-      without the rng stream ``jint8.nn.ROUNDING_RNG``; a static seed: each value compiles another program.
+    input_clip: ``"delayed"`` quantizes activations with the largest max-abs of the last ``history`` steps
+      (known before the activation is produced, so the quantizer fuses into its producer; values beyond it
+      saturate, and ``input_saturation`` records by how much); ``"maxabs"`` with this step's max-abs (exact, a
+      reduction pass before the quantizer).
+    history: steps of activation max-abs kept for the delayed clip.
+    searches: ``True`` traces a search step: the DSGC search of every gradient clip, and this step's max-abs as
+      the activation clip. ``False`` traces a step between searches: the stored clips, no search code.
+      ``jint8.nn.search_cond`` runs the train step in the trace the step needs.
   """
 
   backend: str = 'auto'
@@ -55,57 +61,41 @@ class Int8Config:
   min_ratio: float = 2.0 ** -8
   refine: int = 8
   depthwise_channel_clips: bool = False
-  input_clip: str = 'maxabs'
+  input_clip: str = 'delayed'
+  history: int = HISTORY
   searches: bool = True
-  seed: int = 0
 
   def __post_init__(self):
-    if self.input_clip not in ('maxabs', 'stored'):
-      raise ValueError(f"Int8Config.input_clip must be 'maxabs' or 'stored', got {self.input_clip!r}")
+    if self.input_clip not in INPUT_CLIPS:
+      raise ValueError(f'Int8Config.input_clip must be one of {INPUT_CLIPS}, got {self.input_clip!r}')
     if self.refine < 0:
       raise ValueError(f'Int8Config.refine must be >= 0, got {self.refine}')
+    if self.history < 1:
+      raise ValueError(f'Int8Config.history must be >= 1, got {self.history}')
     quant.candidate_ratios(self.num_candidates, self.min_ratio)  # validates the grid
 
   @property
   def ratios(self) -> np.ndarray:
     return quant.candidate_ratios(self.num_candidates, self.min_ratio)
 
-
-class QuantState(NamedTuple):
-  """A layer's quantization state: float32 scalars (see docs/design.md for what each cotangent carries)."""
-
-  grad_clip: jax.Array
-  grad_deviation: jax.Array
-  input_clip: jax.Array
-  nonfinite: jax.Array
-  search: jax.Array
-  step: jax.Array
-  uses: jax.Array
-
-  @classmethod
-  def initial(cls) -> 'QuantState':
-    """State before the first step: no clip yet, search on the first backward."""
-    zero = jnp.zeros((), jnp.float32)
-    return cls(zero, zero, zero, zero, jnp.ones((), jnp.float32), zero, zero)
+  @property
+  def delayed(self) -> bool:
+    """Whether this trace quantizes activations with the delayed clip (a step between searches)."""
+    return self.input_clip == 'delayed' and not self.searches
 
 
-def _stored_or_searched_clip(backend, x, stored, state, config):
-  if not config.searches:
-    return quant.safe_clip(stored)
-  return backend.search_clip(x, stored, state.search, ratios=config.ratios, refine=config.refine)
+def _quantize_input(x, state: QuantState, config: Int8Config):
+  """``(xq, clip, max|x|)``: this step's max-abs as the clip, or the delayed clip with max|x| measured beside."""
+  amax = quant.max_abs(x)
+  clip = state.delayed_input_clip() if config.delayed else quant.safe_clip(amax)
+  return quant.quantize(x, clip), clip, amax
 
 
-def _quantize_operands(backend, x, w, state, config, *, channel_clips=False):
-  """``(xq, wq, cx, cw)``; ``cw`` holds a clip per output channel (the last axis of ``w``) with ``channel_clips``."""
-  if config.input_clip == 'maxabs':
-    cx = quant.safe_clip(quant.max_abs(x))
-  else:
-    cx = _stored_or_searched_clip(backend, x, state.input_clip, state, config)
-  if channel_clips:
-    cw = quant.safe_clip(quant.max_abs(w, axis=-1))
-    return backend.quantize(x, cx), quant.quantize(w, cw, axis=-1), cx, cw
-  cw = quant.safe_clip(quant.max_abs(w))
-  return backend.quantize(x, cx), backend.quantize(w, cw), cx, cw
+def _quantize_weight(w, channel_clips: bool):
+  """``(wq, cw)``; ``cw`` holds a clip per output channel (the last axis of ``w``) with ``channel_clips``."""
+  axis = -1 if channel_clips else None
+  cw = quant.safe_clip(quant.max_abs(w, axis=axis))
+  return quant.quantize(w, cw, axis=axis), cw
 
 
 def _times_weight_clip(product, clip, cw, out_dtype):
@@ -118,18 +108,30 @@ def _times_weight_clip(product, clip, cw, out_dtype):
   return (product(jnp.ones((), jnp.float32), jnp.float32) * scale).astype(out_dtype)
 
 
-def _quantize_gradient(backend, g, state, key, config):
-  """Quantizes ``g``; returns ``(gq, clip, finite, state_cotangent)``."""
-  clip = _stored_or_searched_clip(backend, g, state.grad_clip, state, config) if config.dsgc else None
-  gq, clip, dev, finite = backend.quantize_gradient(g, clip, key, stochastic=config.stochastic_rounding)
-  zero = jnp.zeros((), jnp.float32)
-  cotangent = QuantState(
-      grad_clip=jnp.where(finite, clip, state.grad_clip),
-      grad_deviation=jnp.where(finite, dev, state.grad_deviation),
-      input_clip=zero,  # filled in by the caller
-      nonfinite=jnp.where(finite, 0.0, 1.0).astype(jnp.float32),
-      search=zero, step=zero, uses=jnp.ones((), jnp.float32))
-  return gq, clip, finite, cotangent
+def _quantize_gradient(backend, g, stored_clip, seeds, config: Int8Config):
+  """``(gq, clip, deviation sums)``: the DSGC clip searched (search trace) or stored, else max|g|; the quantizer
+  and the sums are elementwise and reductions over ``g``, which fuse into the op that produced ``g``."""
+  if not config.dsgc:
+    clip = quant.safe_clip(quant.max_abs(g))
+  elif config.searches:
+    clip = backend.search_clip(g, ratios=config.ratios, refine=config.refine)
+  else:
+    clip = quant.safe_clip(stored_clip)
+  if config.stochastic_rounding and seeds is None:
+    raise ValueError(f'the gradient of an int8 layer (shape {g.shape}) needs the seeds of its stochastic rounding: '
+                     f'apply the model with rngs={{jint8.nn.ROUNDING_RNG: key}}, a new key every step')
+  gq = quant.quantize(g, clip, seeds=seeds if config.stochastic_rounding else None)
+  return gq, clip, quant.deviation_sums(g, gq, clip)
+
+
+def _state_cotangent(config, stored_clip, clip, sums, cx, amax):
+  """The layer's ``QuantState`` cotangent: a clip searched on an all-zero gradient is no clip (0: search again),
+  a stored one stays."""
+  finite = sums.finite()
+  kept = stored_clip if config.dsgc and not config.searches else jnp.zeros((), jnp.float32)
+  return QuantState.cotangent(
+      grad_clip=jnp.where(sums.vv > 0, clip, kept), grad_deviation=jnp.where(finite, sums.deviation(), 0.0),
+      input_clip=cx, input_amax=amax, nonfinite=jnp.where(finite, 0.0, 1.0), history=config.history)
 
 
 def _dtype_token(x):
@@ -146,31 +148,33 @@ def _nan_unless(finite, x, dtype):
 # Convolution
 
 
-def _conv_fwd(lhs, rhs, state, key, geometry, config):
+def _conv_fwd(lhs, rhs, state, seeds, geometry, config):
   backend = get_backend(config.backend)
   channel_clips = (config.depthwise_channel_clips
                    and is_depthwise(lhs.shape[-1], rhs.shape, geometry.feature_group_count))
-  xq, wq, cx, cw = _quantize_operands(backend, lhs, rhs, state, config, channel_clips=channel_clips)
+  xq, cx, amax = _quantize_input(lhs, state, config)
+  wq, cw = _quantize_weight(rhs, channel_clips)
   y = _times_weight_clip(lambda scale, dtype: backend.conv(xq, wq, geometry, scale, out_dtype=dtype),
                          cx, cw, lhs.dtype)
-  return y, (xq, wq, cx, cw, state, key, _dtype_token(lhs), _dtype_token(rhs))
+  return y, (xq, wq, cx, cw, amax, state.grad_clip, seeds, _dtype_token(lhs), _dtype_token(rhs))
 
 
 def _conv_bwd(geometry, config, residuals, g):
-  xq, wq, cx, cw, state, key, lhs_token, rhs_token = residuals
+  xq, wq, cx, cw, amax, stored_clip, seeds, lhs_token, rhs_token = residuals
   backend = get_backend(config.backend)
   nd = geometry.ndim
-  gq, c, finite, cotangent = _quantize_gradient(backend, g, state, key, config)
+  gq, c, sums = _quantize_gradient(backend, g, stored_clip, seeds, config)
+  finite = sums.finite()
   dx = _times_weight_clip(  # depthwise: the input channel of dx is the output channel of the weight clip
       lambda scale, dtype: backend.conv_dgrad(gq, wq, geometry, xq.shape[1:-1], scale, out_dtype=dtype),
       c, cw, lhs_token.dtype)
   dw = backend.conv_wgrad(xq, gq, geometry, wq.shape[:nd], cx * c * _INV_QMAX2)
   return (_nan_unless(finite, dx, lhs_token.dtype), _nan_unless(finite, dw, rhs_token.dtype),
-          cotangent._replace(input_clip=cx), None)
+          _state_cotangent(config, stored_clip, c, sums, cx, amax), None)
 
 
-def _conv(lhs, rhs, state, key, geometry, config):
-  return _conv_fwd(lhs, rhs, state, key, geometry, config)[0]
+def _conv(lhs, rhs, state, seeds, geometry, config):
+  return _conv_fwd(lhs, rhs, state, seeds, geometry, config)[0]
 
 
 _conv = jax.custom_vjp(_conv, nondiff_argnums=(4, 5))
@@ -182,6 +186,15 @@ def _check_float(name, x):
     raise TypeError(f'{name} must be a floating-point array, got dtype {jnp.asarray(x).dtype}')
 
 
+def _check_seeds(seeds):
+  if seeds is None:
+    return None
+  seeds = jnp.asarray(seeds)
+  if seeds.shape != (2,) or seeds.dtype != jnp.uint32:
+    raise TypeError(f'seeds must be two uint32 values (jint8.quant.rounding_seeds), got {seeds.dtype}{list(seeds.shape)}')
+  return seeds
+
+
 def _all_ones(v) -> bool:
   return v is None or all(int(a) == 1 for a in v)
 
@@ -189,11 +202,12 @@ def _all_ones(v) -> bool:
 def int8_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                               dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                               precision=None, preferred_element_type=None, *, state: QuantState,
-                              key: jax.Array, config: Int8Config = Int8Config()):
+                              seeds: jax.Array | None, config: Int8Config = Int8Config()):
   """``lax.conv_general_dilated`` with int8 forward, dgrad and wgrad.
 
   Takes ``lax.conv_general_dilated``'s arguments (``precision`` is ignored: int8 products are exact) plus the
-  layer's ``state`` (``QuantState``), a PRNG ``key`` for the gradient's stochastic rounding and ``config``.
+  layer's ``state`` (``QuantState``), the ``seeds`` of the gradient's stochastic rounding (two uint32,
+  ``quant.rounding_seeds``, new every step; ``None`` in a forward pass that is not differentiated) and ``config``.
   Transposed convs (``lhs_dilation``) and ``batch_group_count`` are not supported.
   """
   del precision
@@ -223,7 +237,7 @@ def int8_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
   else:
     pads = padding
   geometry = ConvGeometry(strides, tuple((int(lo), int(hi)) for lo, hi in pads), dilation, groups)
-  y = _conv(x, w, state, key, geometry, config)
+  y = _conv(x, w, state, _check_seeds(seeds), geometry, config)
   out_perm = [0] * (nd + 2)
   out_perm[dn.out_spec[0]], out_perm[dn.out_spec[1]] = 0, nd + 1
   for i, axis in enumerate(dn.out_spec[2:]):
@@ -236,25 +250,27 @@ def int8_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
 # Dense (dot_general without batch dimensions)
 
 
-def _dot_fwd(lhs, rhs, state, key, config):
+def _dot_fwd(lhs, rhs, state, seeds, config):
   backend = get_backend(config.backend)
-  xq, wq, cx, cw = _quantize_operands(backend, lhs, rhs, state, config)
+  xq, cx, amax = _quantize_input(lhs, state, config)
+  wq, cw = _quantize_weight(rhs, False)
   y = backend.matmul(xq, wq, (1, 0), cx * cw * _INV_QMAX2).astype(lhs.dtype)
-  return y, (xq, wq, cx, cw, state, key, _dtype_token(lhs), _dtype_token(rhs))
+  return y, (xq, wq, cx, cw, amax, state.grad_clip, seeds, _dtype_token(lhs), _dtype_token(rhs))
 
 
 def _dot_bwd(config, residuals, g):
-  xq, wq, cx, cw, state, key, lhs_token, rhs_token = residuals
+  xq, wq, cx, cw, amax, stored_clip, seeds, lhs_token, rhs_token = residuals
   backend = get_backend(config.backend)
-  gq, c, finite, cotangent = _quantize_gradient(backend, g, state, key, config)
+  gq, c, sums = _quantize_gradient(backend, g, stored_clip, seeds, config)
+  finite = sums.finite()
   dx = backend.matmul(gq, wq, (1, 1), c * cw * _INV_QMAX2)
   dw = backend.matmul(xq, gq, (0, 0), cx * c * _INV_QMAX2)
   return (_nan_unless(finite, dx, lhs_token.dtype), _nan_unless(finite, dw, rhs_token.dtype),
-          cotangent._replace(input_clip=cx), None)
+          _state_cotangent(config, stored_clip, c, sums, cx, amax), None)
 
 
-def _dot(lhs, rhs, state, key, config):
-  return _dot_fwd(lhs, rhs, state, key, config)[0]
+def _dot(lhs, rhs, state, seeds, config):
+  return _dot_fwd(lhs, rhs, state, seeds, config)[0]
 
 
 _dot = jax.custom_vjp(_dot, nondiff_argnums=(4,))
@@ -262,7 +278,7 @@ _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 def int8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
-                     state: QuantState, key: jax.Array, config: Int8Config = Int8Config()):
+                     state: QuantState, seeds: jax.Array | None, config: Int8Config = Int8Config()):
   """``lax.dot_general`` with int8 forward and backward products, for dense layers (no batch dimensions).
 
   Any contracting dimensions and any leading shape of ``lhs`` are accepted (``nn.Dense`` contracts the last
@@ -284,7 +300,7 @@ def int8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   k = math.prod(lhs.shape[a] for a in lc)
   x = jnp.transpose(lhs, lfree + lc).reshape(-1, k)
   w = jnp.transpose(rhs, rc + rfree).reshape(k, -1)
-  y = _dot(x, w, state, key, config)
+  y = _dot(x, w, state, _check_seeds(seeds), config)
   y = y.reshape(tuple(lhs.shape[a] for a in lfree) + tuple(rhs.shape[a] for a in rfree))
   return y if preferred_element_type is None else y.astype(preferred_element_type)
 

@@ -4,11 +4,11 @@
 (``Int8Config``), which layers stay float (``Int8Policy``) and the DSGC / DCLR settings of
 ``jint8.optim.int8_optimizer``:
 
-  backend, dsgc, stochastic_rounding, num_candidates, min_ratio, refine, input_clip,
+  backend, dsgc, stochastic_rounding, num_candidates, min_ratio, refine, input_clip, history,
   depthwise_channel_clips                                                             -> Int8Config
   keep_first_conv_float, keep_dense_float, keep_depthwise_float, float_layers         -> Int8Policy
-  period, dclr, alpha, beta, skip_nonfinite                                           -> int8_optimizer
-  separate_search_trace                                          -> the trainers' steps (``bind_train_step``)
+  dclr, alpha, beta, skip_nonfinite                                                   -> int8_optimizer
+  period                                 -> DSGC search steps (``jint8.nn.search_cond`` in the trainers)
   compute_dtype                                        -> the dtype around the int8 convs (``compute_dtype``)
 """
 
@@ -69,13 +69,13 @@ def describe(config: Any) -> str:
 
 
 def int8_config(config: Any) -> Int8Config:
-  """The ``Int8Config`` of ``config.int8``. Its ``seed`` stays the default: the trainers pass ``config.seed``'s
-  rounding key at run time (``jint8.trainer.rounding_key``), so that every seed runs one compiled program."""
+  """The ``Int8Config`` of ``config.int8``."""
   c = config.int8
   try:
     return Int8Config(backend=c.backend, dsgc=c.dsgc, stochastic_rounding=c.stochastic_rounding,
                       num_candidates=c.num_candidates, min_ratio=c.min_ratio, refine=c.refine,
-                      depthwise_channel_clips=c.depthwise_channel_clips, input_clip=c.input_clip)
+                      depthwise_channel_clips=c.depthwise_channel_clips, input_clip=c.input_clip,
+                      history=c.history)
   except ValueError as e:
     raise ValueError(f'config.int8: {e}') from None
 
@@ -98,12 +98,11 @@ def apply_precision(model: nn.Module, config: Any) -> nn.Module:
 
 
 def wrap_optimizer(inner: optax.GradientTransformation, config: Any) -> optax.GradientTransformation:
-  """The optimizer of the tree ``{"params": ..., "int8_state": ...}`` (see ``jint8.optim.split_state``).
+  """The optimizer of the params, taking the step's int8 state as the extra argument ``int8_state``.
 
-  fp32 / bf16: ``inner`` (the int8 state is empty); int8: ``int8_optimizer(inner)`` with DSGC / DCLR settings.
+  fp32 / bf16: ``inner`` (which ignores it); int8: ``int8_optimizer(inner)`` with the DCLR settings.
   """
   if config.precision != 'int8':
-    return inner
+    return optax.with_extra_args_support(inner)
   c = config.int8
-  return optim.int8_optimizer(inner, period=c.period, alpha=c.alpha, beta=c.beta, dclr=c.dclr,
-                              skip_nonfinite=c.skip_nonfinite)
+  return optim.int8_optimizer(inner, alpha=c.alpha, beta=c.beta, dclr=c.dclr, skip_nonfinite=c.skip_nonfinite)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 QMAX = 127
 # The smallest clip value used anywhere: a clip of 0 (an all-zero tensor) would divide by zero.
@@ -24,11 +25,6 @@ def safe_clip(clip: jax.Array) -> jax.Array:
   """Returns ``clip`` as float32, with zero, negative and non-finite values replaced by a tiny positive one."""
   clip = jnp.asarray(clip, jnp.float32)
   return jnp.where(jnp.isfinite(clip) & (clip > MIN_CLIP), clip, MIN_CLIP)
-
-
-def needs_search(search: jax.Array, clip: jax.Array) -> jax.Array:
-  """Whether a layer's clip must be searched with DSGC: its ``search`` flag is set or it has no clip yet."""
-  return jnp.logical_or(search > 0, clip <= 0)
 
 
 def _broadcast_clip(clip: jax.Array, ndim: int, axis: int | None) -> jax.Array:
@@ -54,15 +50,56 @@ def max_abs(x: jax.Array, axis: int | None = None) -> jax.Array:
   return jnp.max(x, axis=tuple(a for a in range(x.ndim) if a != axis))
 
 
+def flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """Each element's row-major index in an array of ``shape``, as uint32 (wrapping past 2^32 elements).
+
+  Built from iotas, so it fuses into the consumer; under a sharded jit each shard gets its global indices.
+  """
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2 ** 32)
+    stride *= shape[axis]
+  return index
+
+
+def uniform_hash(shape: tuple[int, ...], seeds: jax.Array) -> jax.Array:
+  """Counter-based uniform floats in [0, 1) (24 random bits) for each element of an array of ``shape``.
+
+  A Weyl step of the element's index offset by ``seeds[0]``, then a two-multiply xor-shift finalizer with
+  ``seeds[1]`` xored in between: integer operations on an iota, which XLA fuses into the consumer (random bits
+  from ``jax.random`` are a kernel of their own). ``seeds``: two uint32 values.
+  """
+  seeds = jnp.asarray(seeds, jnp.uint32)
+  h = flat_index(shape) * jnp.uint32(0x9E3779B9) + seeds[0]
+  h = h ^ (h >> 16)
+  h = (h * jnp.uint32(0x21F0AAAD)) ^ seeds[1]
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x735A2D97)
+  h = h ^ (h >> 15)
+  return (h >> 8).astype(jnp.int32).astype(jnp.float32) * (2.0 ** -24)
+
+
+def rounding_seeds(key: jax.Array) -> jax.Array:
+  """The two uint32 seeds of ``uniform_hash``: the first two words of a PRNG key's data (a threefry key's both;
+  an rbg key holds the same two words twice). Integer ops that fuse, where drawing bits with ``jax.random``
+  would launch a random-number kernel per layer."""
+  return jax.random.key_data(key).reshape(-1)[:2]
+
+
 def quantize(x: jax.Array, clip: jax.Array, *, axis: int | None = None,
-             key: jax.Array | None = None) -> jax.Array:
+             seeds: jax.Array | None = None) -> jax.Array:
   """Quantizes ``x`` to int8 with clipping value ``clip``.
+
+  Plain elementwise jnp: inside a jitted step XLA fuses it into the op that produces ``x``, which then writes
+  int8 (no pass of its own).
 
   Args:
     x: a float array.
     clip: a scalar (per tensor) or a 1-D array of ``x.shape[axis]`` values (per channel).
     axis: the channel axis for per-channel clip values; ``None`` for per tensor.
-    key: a PRNG key for unbiased stochastic rounding; ``None`` rounds to nearest.
+    seeds: two uint32 values (``rounding_seeds``) for unbiased stochastic rounding with ``uniform_hash``;
+      ``None`` rounds to nearest (ties to even).
 
   Returns:
     An int8 array of ``x``'s shape with values in [-127, 127].
@@ -72,10 +109,10 @@ def quantize(x: jax.Array, clip: jax.Array, *, axis: int | None = None,
   c = _broadcast_clip(clip, x.ndim, axis)
   # Divide before scaling: 127 / c overflows float32 for tiny clip values.
   v = jnp.clip(x.astype(jnp.float32) / c, -1.0, 1.0) * QMAX
-  if key is None:
+  if seeds is None:
     v = jnp.round(v)
   else:
-    v = jnp.floor(v + jax.random.uniform(key, v.shape, jnp.float32))
+    v = jnp.floor(v + uniform_hash(x.shape, seeds))
   return jnp.clip(v, -QMAX, QMAX).astype(jnp.int8)
 
 
@@ -100,6 +137,32 @@ def cosine_deviation(a: jax.Array, b: jax.Array) -> jax.Array:
   cos = ab / jnp.sqrt(jnp.maximum(aa * bb, MIN_CLIP))
   d = jnp.where((aa == 0) & (bb == 0), 0.0, 1.0 - cos)
   return jnp.clip(d, 0.0, 2.0)
+
+
+class DeviationSums(NamedTuple):
+  """The sums from which the cosine deviation of ``g`` against its quantization ``q`` follows, with ``g`` in
+  units of its clip (``v = g / c``) and ``q`` in int8 steps: <v, q>, <v, v>, <q, q>."""
+  vq: jax.Array
+  vv: jax.Array
+  qq: jax.Array
+
+  def deviation(self) -> jax.Array:
+    """``1 - cos(g, q)`` in [0, 2]; 0 when both are all-zero, 1 when one is."""
+    cos = self.vq / jnp.maximum(jnp.sqrt(self.vv) * jnp.sqrt(self.qq), MIN_CLIP)
+    return jnp.clip(jnp.where((self.vv == 0) & (self.qq == 0), 0.0, 1.0 - cos), 0.0, 2.0)
+
+  def finite(self) -> jax.Array:
+    """Whether ``g`` was finite: an inf or nan in ``g`` makes <v, v> inf or nan (so does a gradient beyond the
+    clip by more than about 1e17, which is as unusable)."""
+    return jnp.isfinite(self.vv)
+
+
+def deviation_sums(g: jax.Array, q: jax.Array, clip: jax.Array) -> DeviationSums:
+  """``DeviationSums`` of ``g`` and its int8 quantization ``q`` at the per-tensor ``clip``: three reductions that
+  XLA computes in the fusion that quantizes ``g`` (the same ``g / c``)."""
+  v = g.astype(jnp.float32) / safe_clip(clip)
+  qf = q.astype(jnp.float32)
+  return DeviationSums(jnp.sum(v * qf), jnp.sum(v * v), jnp.sum(qf * qf))
 
 
 def candidate_ratios(num: int = 32, min_ratio: float = 2.0 ** -8) -> np.ndarray:

@@ -25,9 +25,10 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optim, optimizers, precision, progress,
+from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optimizers, precision, progress,
                    sharding)
-from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, layer_stats, record_layer_order
+from jint8 import state as quant_state
+from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, record_layer_order, search_cond
 
 # Streams of randomness derived from config.seed with jax.random.fold_in.
 _INIT, _ORDER, _AUGMENT, _DROPOUT, _ROUNDING = range(5)
@@ -110,7 +111,7 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, image_shape: tu
     params, int8_state = variables['params'], variables.get(STATE_COLLECTION, {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), int8_state=int8_state,
-                      opt_state=tx.init({'params': params, STATE_COLLECTION: int8_state}), rng=rng)
+                      opt_state=tx.init(params), rng=rng)
 
   return init
 
@@ -140,8 +141,8 @@ def train_step(state: TrainState, dataset: input_pipeline.Dataset, order: jax.Ar
                ) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step on batch ``index`` of the epoch visiting the training set in ``order``.
 
-  Returns the new state and the step's metrics: ``loss``, ``accuracy`` and, for int8, ``layers`` (per-layer
-  ``grad_clip``, ``grad_deviation``, ``input_clip``, ``nonfinite`` of this step).
+  Returns the new state and the step's metrics: ``loss``, ``accuracy`` and, for int8, ``layers`` (per layer the
+  statistics ``jint8.state.LOGGED`` of this step).
   """
   dropout_rng = _step_key(state, _DROPOUT)
   images, labels = input_pipeline.train_batch(dataset, order, index, batch_size, augment_key(state))
@@ -185,16 +186,16 @@ def gradient_step(state: TrainState, tx: optax.GradientTransformation,
                   ) -> tuple[TrainState, jax.Array, Any]:
   """One optimizer step on ``loss_fn(params, int8_state) -> (loss, (aux, new batch_stats))``.
 
-  The gradient of the int8 state (the ops' new quantization values, see ``jint8.optim``) goes through ``tx``
-  with the params' gradient. Returns the new state (step + 1), the loss and ``aux``.
+  The gradient of the int8 state holds the ops' new quantization values: they overwrite the state
+  (``jint8.state.update``), which ``tx`` gets as its extra argument ``int8_state`` (DCLR reads the deviations).
+  Returns the new state (step + 1), the loss and ``aux``.
   """
   (loss, (aux, batch_stats)), (g_params, g_state) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.int8_state)
-  tree = {'params': state.params, STATE_COLLECTION: state.int8_state}
-  updates, opt_state = tx.update({'params': g_params, STATE_COLLECTION: g_state}, state.opt_state, tree)
-  tree = optax.apply_updates(tree, updates)
-  return state.replace(step=state.step + 1, params=tree['params'], batch_stats=batch_stats,
-                       int8_state=tree[STATE_COLLECTION], opt_state=opt_state), loss, aux
+  int8_state = quant_state.update(state.int8_state, g_state) if state.int8_state else state.int8_state
+  updates, opt_state = tx.update(g_params, state.opt_state, state.params, int8_state=int8_state)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, int8_state=int8_state, opt_state=opt_state), loss, aux
 
 
 def with_layer_stats(step_metrics: dict[str, Any], state: TrainState) -> dict[str, Any]:
@@ -202,14 +203,14 @@ def with_layer_stats(step_metrics: dict[str, Any], state: TrainState) -> dict[st
   ``weight_levels`` are added once per ``multi_step`` loop, not here in every step)."""
   if not state.int8_state:
     return step_metrics
-  return dict(step_metrics, layers=layer_stats(state.int8_state))
+  return dict(step_metrics, layers=quant_state.layer_stats(state.int8_state))
 
 
 def with_weight_levels(record: dict[str, Any], state: TrainState) -> dict[str, Any]:
-  """``record`` with each int8 layer's ``weight_levels`` (``jint8.nn.weight_levels``) at ``state``."""
+  """``record`` with each int8 layer's ``weight_levels`` (``jint8.state.weight_levels``) at ``state``."""
   if 'layers' not in record:
     return record
-  now = layer_stats(state.int8_state, state.params)  # the record's loop-combined stats win over this step's
+  now = quant_state.layer_stats(state.int8_state, state.params)  # the record's loop-combined stats win
   return dict(record, layers={name: dict(now[name], **stats) for name, stats in record['layers'].items()})
 
 
@@ -224,44 +225,34 @@ def eval_step(state: TrainState, dataset: input_pipeline.Dataset, index: jax.Arr
           'count': jnp.sum(mask)}
 
 
-# record keys that keep the later step's value; the others add up
-_LAST = ('grad_clip', 'input_clip', 'weight_levels')
-
-
 def step_record(step_metrics: dict[str, Any]) -> dict[str, Any]:
   """One step's metrics as a record that ``combine_records`` accumulates: ``steps`` (1), the scalars and, for
-  int8, per layer ``grad_deviation``, ``grad_deviation_max``, ``grad_clip``, ``input_clip``, ``nonfinite``."""
+  int8, per layer the statistics of ``jint8.state.step_layer_record``."""
   record = {k: v for k, v in step_metrics.items() if k != 'layers'}
   record['steps'] = jnp.ones((), jnp.int32)
   if 'layers' in step_metrics:
-    record['layers'] = {name: dict(stats, grad_deviation_max=stats['grad_deviation'])
-                        for name, stats in step_metrics['layers'].items()}
+    record['layers'] = {name: quant_state.step_layer_record(stats) for name, stats in step_metrics['layers'].items()}
   return record
 
 
 def combine_records(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
-  """The record of two consecutive spans of steps: maxima of ``grad_deviation_max``, the later clips, sums of
-  everything else."""
-
-  def combine(path, x, y):
-    key = path[-1].key
-    if key in _LAST:
-      return y
-    return jnp.maximum(x, y) if key == 'grad_deviation_max' else x + y
-
-  return jax.tree_util.tree_map_with_path(combine, earlier, later)
+  """The record of two consecutive spans of steps: sums of the scalars, the layers' as ``jint8.state`` says."""
+  combined = {k: jax.tree.map(jnp.add, earlier[k], later[k]) for k in later if k != 'layers'}
+  if 'layers' in later:
+    combined['layers'] = {name: quant_state.combine_layer_records(earlier['layers'][name], stats)
+                          for name, stats in later['layers'].items()}
+  return combined
 
 
 def bind_train_step(train_step: Callable[..., tuple[Any, dict[str, Any]]], config: Any, model: nn.Module,
                     **kwargs) -> Callable[..., tuple[Any, dict[str, Any]]]:
-  """``train_step(state, *args, model=model, **kwargs)`` as ``step(state, *args)``; for int8 with
-  ``config.int8.separate_search_trace``, through ``jint8.optim.search_cond`` (the model without its search
-  code on the steps between two DSGC searches)."""
-  if not config.int8.separate_search_trace:  # (search_cond runs a float model as it is)
-    return functools.partial(train_step, model=model, **kwargs)
+  """``train_step(state, *args, model=model, **kwargs)`` as ``step(state, *args)``, for int8 through
+  ``jint8.nn.search_cond``: the model with the DSGC search code every ``config.int8.period`` steps, without it
+  on the steps between."""
 
   def step(state, *args):
-    return optim.search_cond(lambda m: train_step(state, *args, model=m, **kwargs), model, state.int8_state)
+    return search_cond(lambda m: train_step(state, *args, model=m, **kwargs), model, state.int8_state, state.step,
+                       config.int8.period)
 
   return step
 
@@ -279,7 +270,7 @@ def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]],
 
   def run(state, data, order, index, num_steps):
     _, like = jax.eval_shape(train_step, state, data, order, index)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), step_record(like))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(step_record, like))
 
     def body(i, carry):
       state, record = carry
@@ -295,19 +286,16 @@ def multi_step(train_step: Callable[..., tuple[Any, dict[str, Any]]],
 def summarize_train(records: list[dict[str, Any]],
                     layer_order: Sequence[str] = ()) -> tuple[dict[str, float], dict[str, dict]]:
   """The mean of each scalar over the steps of ``records`` (``multi_step``'s results since the last log) and,
-  for int8, per layer (in ``layer_order``, then the others by name) the mean ``grad_deviation``, the last
-  ``grad_clip`` and ``input_clip``, the ``nonfinite`` count; over all layers ``grad_deviation_mean`` / ``_max``
-  and ``nonfinite``."""
+  for int8, per layer (in ``layer_order``, then the others by name) its summary
+  (``jint8.state.summarize_layer_record``); over all layers ``grad_deviation_mean`` / ``_max`` and
+  ``nonfinite``."""
   total = jax.device_get(functools.reduce(combine_records, records))
   steps = int(total['steps'])
   scalars = {k: float(v) / steps for k, v in total.items() if k not in ('steps', 'layers')}
   if 'layers' not in total:
     return scalars, {}
   names = [n for n in layer_order if n in total['layers']] + sorted(total['layers'].keys() - set(layer_order))
-  layers = {name: {'grad_deviation': float(s['grad_deviation']) / steps, 'grad_clip': float(s['grad_clip']),
-                   'input_clip': float(s['input_clip']), 'nonfinite': int(s['nonfinite']),
-                   **({'weight_levels': float(s['weight_levels'])} if 'weight_levels' in s else {})}
-            for name, s in ((n, total['layers'][n]) for n in names)}
+  layers = {name: quant_state.summarize_layer_record(total['layers'][name], steps) for name in names}
   scalars.update(grad_deviation_mean=float(np.mean([s['grad_deviation'] for s in layers.values()])),
                  grad_deviation_max=max(float(s['grad_deviation_max']) for s in total['layers'].values()),
                  nonfinite=sum(s['nonfinite'] for s in layers.values()))

@@ -16,10 +16,11 @@ from PIL import Image
 
 from configs import detector
 from jint8 import metrics, optim, sharding
+from jint8 import state as quant_state
 from jint8.detection import data, fcos, losses, targets, trainer, voc
 from jint8.detection.trainer import model_strides
 from jint8.models import ResNetBackbone
-from jint8.nn import STATE_COLLECTION, Int8Config, Int8Model, Int8Policy
+from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, Int8Config, Int8Model, Int8Policy
 from jint8.trainer import initial_state
 
 
@@ -55,7 +56,7 @@ def test_output_layout():
 
 
 # Fewer DSGC candidates than the default: the same semantics, a smaller graph to compile on a CPU.
-_INT8 = Int8Config(num_candidates=8, refine=2, seed=3)
+_INT8 = Int8Config(num_candidates=8, refine=2)
 
 
 class _HeadOnLevels(nn.Module):
@@ -77,19 +78,15 @@ def _head_int8_model(levels):
 def _head_state_after_one_step(levels, variables, inputs, weights):
   """The head's int8_state after one step on the loss sum_levels sum(outputs * weights)."""
   model = _head_int8_model(levels)
-  tx = optim.int8_optimizer(optax.sgd(0.1), period=10)
 
   @jax.jit
-  def step(tree):
-    def loss_fn(params, int8_state):
+  def step(params, int8_state):
+    def loss_fn(int8_state):
       outputs = model.apply({'params': params, STATE_COLLECTION: int8_state}, inputs)
       return sum(jnp.sum(o * weights[i][j]) for i, level in zip(levels, outputs) for j, o in enumerate(level))
-    grads = jax.grad(loss_fn, argnums=(0, 1))(tree['params'], tree[STATE_COLLECTION])
-    updates, _ = tx.update(dict(zip(('params', STATE_COLLECTION), grads)), tx.init(tree), tree)
-    return optax.apply_updates(tree, updates)[STATE_COLLECTION]
+    return quant_state.update(int8_state, jax.grad(loss_fn)(int8_state))
 
-  tree = {'params': variables['params'], STATE_COLLECTION: variables[STATE_COLLECTION]}
-  return traverse_util.flatten_dict(step(tree), sep='/')
+  return traverse_util.flatten_dict(step(variables['params'], variables[STATE_COLLECTION]), sep='/')
 
 
 def test_shared_head_state_has_one_use_per_level_and_the_mean_clip(fast_compiles):
@@ -128,27 +125,29 @@ def test_int8_loss_falls_on_real_images(tmp_path_factory, fast_compiles):
   assert np.all(np.asarray(out['distances']) > 0)
   # The class bias starts at the focal-loss prior: sigmoid(logit) ~ 0.01 everywhere.
   np.testing.assert_allclose(jax.nn.sigmoid(out['logits']).mean(), 0.01, rtol=0.2)
-  tree = {'params': variables['params'], STATE_COLLECTION: variables[STATE_COLLECTION]}
-  tx = optim.int8_optimizer(optax.adam(1e-2), period=5)
-  opt_state = tx.init(tree)
+  params, int8_state = variables['params'], variables[STATE_COLLECTION]
+  tx = optim.int8_optimizer(optax.adam(1e-2))
+  opt_state = tx.init(params)
 
   @jax.jit
-  def step(tree, opt_state):
+  def step(params, int8_state, opt_state, key):
     def loss_fn(params, int8_state):
-      return losses.fcos_loss(model.apply({'params': params, STATE_COLLECTION: int8_state}, images), goal)[0]
-    loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(tree['params'], tree[STATE_COLLECTION])
-    updates, opt_state = tx.update(dict(zip(('params', STATE_COLLECTION), grads)), opt_state, tree)
-    return optax.apply_updates(tree, updates), opt_state, loss
+      outputs = model.apply({'params': params, STATE_COLLECTION: int8_state}, images, rngs={ROUNDING_RNG: key})
+      return losses.fcos_loss(outputs, goal)[0]
+    loss, (g_params, g_state) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, int8_state)
+    int8_state = quant_state.update(int8_state, g_state)
+    updates, opt_state = tx.update(g_params, opt_state, params, int8_state=int8_state)
+    return optax.apply_updates(params, updates), int8_state, opt_state, loss
 
   history = []
-  for _ in range(15):
-    tree, opt_state, loss = step(tree, opt_state)
+  for k in range(15):
+    params, int8_state, opt_state, loss = step(params, int8_state, opt_state, jax.random.key(k))
     history.append(float(loss))
   assert np.all(np.isfinite(history))
   assert np.mean(history[-3:]) < 0.8 * np.mean(history[:3]), history
   # The shared head ran once per level, every other int8 layer once.
   uses = {k[:-len('/uses')]: int(v) for k, v in
-          traverse_util.flatten_dict(tree[STATE_COLLECTION], sep='/').items() if k.endswith('/uses')}
+          traverse_util.flatten_dict(int8_state, sep='/').items() if k.endswith('/uses')}
   head = {k for k in uses if '/head/' in k}
   assert len(head) == 5 and {uses[k] for k in head} == {3}
   assert {v for k, v in uses.items() if k not in head} == {1} and len(uses) == 5 + 2  # + 2 backbone convs
@@ -161,7 +160,7 @@ def test_int8_train_step_rounds_with_the_seed_of_the_state(rng, fast_compiles):
   split = data.Split(images=jnp.asarray(rng.integers(0, 256, (4, 64, 64, 3)), jnp.uint8),
                      boxes=jnp.asarray(boxes, jnp.float32), labels=jnp.asarray(rng.integers(0, 3, (4, 3)), jnp.int32),
                      valid=jnp.asarray(rng.uniform(size=(4, 3)) < 0.8))
-  tx = optim.int8_optimizer(optax.sgd(0.1), period=5)
+  tx = optim.int8_optimizer(optax.sgd(0.1))
   replicated = sharding.replicated(sharding.data_mesh())
   state = initial_state(model, tx, (64, 64, 3), 0, replicated)
   step = jax.jit(functools.partial(

@@ -11,6 +11,7 @@ from PIL import Image
 
 from jint8 import nn as jnn
 from jint8 import optim
+from jint8 import state as quant_state
 from jint8.datasets import paths
 
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -48,19 +49,24 @@ def test_tiny_cnn_trains_with_int8_on_real_cifar():
   x = (images.astype(np.float32) / 255.0 - 0.5) / 0.25
   model = jnn.Int8Model(TinyCNN())
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x[:2])
-  tree = {'params': variables['params'], jnn.STATE_COLLECTION: variables[jnn.STATE_COLLECTION]}
-  tx = optim.int8_optimizer(optax.adam(3e-3), period=4)
-  opt_state = tx.init(tree)
+  params, int8_state = variables['params'], variables[jnn.STATE_COLLECTION]
+  tx = optim.int8_optimizer(optax.adam(3e-3))
+  opt_state = tx.init(params)
 
-  @jax.jit
-  def step(tree, opt_state, xb, yb):
-    def loss_fn(params, state):
-      logits = model.apply({'params': params, jnn.STATE_COLLECTION: state}, xb)
+  def train_step(model, params, int8_state, opt_state, xb, yb, key):
+    def loss_fn(params, int8_state):
+      logits = model.apply({'params': params, jnn.STATE_COLLECTION: int8_state}, xb, rngs={jnn.ROUNDING_RNG: key})
       return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
-    loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(tree['params'], tree[jnn.STATE_COLLECTION])
-    updates, opt_state = tx.update({'params': grads[0], jnn.STATE_COLLECTION: grads[1]}, opt_state, tree)
-    return optax.apply_updates(tree, updates), opt_state, loss
+    loss, (g_params, g_state) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, int8_state)
+    int8_state = quant_state.update(int8_state, g_state)
+    updates, opt_state = tx.update(g_params, opt_state, params, int8_state=int8_state)
+    return optax.apply_updates(params, updates), int8_state, opt_state, loss
+
+  @jax.jit
+  def step(k, params, int8_state, opt_state, xb, yb):
+    return jnn.search_cond(train_step, model, int8_state, k, 4, params, int8_state, opt_state, xb, yb,
+                           jax.random.key(k))
 
   rng = np.random.default_rng(0)
   losses, clips = [], []
@@ -68,12 +74,12 @@ def test_tiny_cnn_trains_with_int8_on_real_cifar():
     order = rng.permutation(len(x))
     for i in range(0, len(x), 100):
       idx = order[i:i + 100]
-      tree, opt_state, loss = step(tree, opt_state, x[idx], labels[idx])
+      params, int8_state, opt_state, loss = step(len(losses), params, int8_state, opt_state, x[idx], labels[idx])
       losses.append(float(loss))
-      clips.append({k: float(v['grad_clip']) for k, v in jnn.layer_stats(tree[jnn.STATE_COLLECTION]).items()})
+      clips.append({k: float(v['grad_clip']) for k, v in quant_state.layer_stats(int8_state).items()})
   assert np.isfinite(losses).all()
   assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
-  # Every int8 layer got a clip value, re-searched only every 4 steps.
+  # Every int8 layer got a clip value, re-searched only every 4 steps (search_cond).
   assert set(clips[0]) == {'model/Conv_1', 'model/Conv_2', 'model/Conv_3'}
   for layer in clips[0]:
     series = [c[layer] for c in clips]

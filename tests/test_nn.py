@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from jint8 import nn as jnn
 from jint8 import ops
+from jint8 import state as quant_state
 
 
 class SmallCNN(nn.Module):
@@ -23,7 +24,7 @@ class SmallCNN(nn.Module):
 
 
 def _int8_layers(variables):
-  return set(jnn.layer_stats(variables[jnn.STATE_COLLECTION]))
+  return set(quant_state.layer_stats(variables[jnn.STATE_COLLECTION]))
 
 
 def test_int8_model_default_policy_keeps_first_conv_and_dense_float(rng):
@@ -32,7 +33,8 @@ def test_int8_model_default_policy_keeps_first_conv_and_dense_float(rng):
   assert _int8_layers(variables) == {'model/Conv_0', 'model/depthwise'}
   state = variables[jnn.STATE_COLLECTION]['model']['Conv_0']['Int8ConvGeneralDilated_0']
   assert set(state) == set(ops.QuantState._fields)
-  assert float(state['search']) == 1.0 and float(state['grad_clip']) == 0.0
+  assert float(state['grad_clip']) == 0.0 and state['input_amax'].shape == (jnn.Int8Config().history,)
+  assert not np.any(np.asarray(state['input_amax']))  # no clips yet: the first step searches
 
 
 def test_int8_model_policy_options(rng):
@@ -59,7 +61,8 @@ def test_int8_model_output_and_grads_close_to_float(rng):
 
   @jax.jit
   def grads(params, state):
-    int8 = jax.grad(lambda p: (model.apply({'params': p, jnn.STATE_COLLECTION: state}, x) ** 2).mean())(params)
+    int8 = jax.grad(lambda p: (model.apply({'params': p, jnn.STATE_COLLECTION: state}, x,
+                                           rngs={jnn.ROUNDING_RNG: jax.random.key(2)}) ** 2).mean())(params)
     ref = jax.grad(lambda p: (SmallCNN().apply({'params': p['model']}, x) ** 2).mean())(params)
     return int8, ref
 
@@ -77,7 +80,7 @@ def _int8_kernel_grads(model, x, rngs):
   return [np.asarray(grads[layer]['kernel']) for layer in ('Conv_0', 'depthwise')]
 
 
-def test_rounding_key_comes_from_the_rng_stream_else_from_the_config_seed(rng):
+def test_rounding_seeds_come_from_the_rng_stream(rng):
   x = jnp.asarray(rng.normal(size=(4, 9, 9, 3)), jnp.float32)
   model = jnn.Int8Model(SmallCNN())
   stream = lambda seed: {jnn.ROUNDING_RNG: jax.random.key(seed, impl='rbg')}
@@ -85,31 +88,20 @@ def test_rounding_key_comes_from_the_rng_stream_else_from_the_config_seed(rng):
   for a, b, c in zip(first, again, other):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-  # without the stream, Int8Config.seed seeds the rounding (also the same for every key of another stream)
-  seeds = [_int8_kernel_grads(jnn.Int8Model(SmallCNN(), config=jnn.Int8Config(seed=seed)), x, rngs)
-           for seed, rngs in ((0, {}), (0, {'dropout': jax.random.key(5)}), (1, {}))]
-  for a, b, c in zip(*seeds):
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+  # without the stream a forward pass runs, a gradient asks for it (as Flax's dropout does)
+  with pytest.raises(ValueError, match='rngs=.*ROUNDING_RNG'):
+    _int8_kernel_grads(model, x, {'dropout': jax.random.key(5)})
 
 
-def test_the_rounding_stream_keeps_the_rbg_generator(rng, monkeypatch):
+def test_the_rounding_launches_no_random_number_generator(rng):
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
   model = jnn.Int8Model(SmallCNN())
   variables = model.init(jax.random.PRNGKey(0), x)
-  impls = []
-  op = ops.int8_conv_general_dilated
-
-  def recording_op(*args, key, **kwargs):
-    impls.append(jax.random.key_impl(key))
-    return op(*args, key=key, **kwargs)
-
-  monkeypatch.setattr(ops, 'int8_conv_general_dilated', recording_op)
   loss = lambda p, key: (model.apply({**variables, 'params': p}, x, rngs={jnn.ROUNDING_RNG: key}) ** 2).mean()
-  text = jax.jit(jax.grad(loss)).lower(variables['params'], jax.random.key(3, impl='rbg')).as_text()
-  assert impls == ['rbg', 'rbg']  # Conv_0 and depthwise, each folded with its path by Flax's make_rng
-  # the rounding bits come from RngBitGenerator (threefry only folds the path and step into the 4-word key)
-  assert 'stablehlo.rng_bit_generator' in text
+  for impl in ('rbg', 'threefry2x32'):
+    text = jax.jit(jax.grad(loss)).lower(variables['params'], jax.random.key(3, impl=impl)).as_text()
+    # the bits are a hash of each element's index (quant.uniform_hash), seeded from the key's data
+    assert 'rng_bit_generator' not in text
 
 
 def test_explicit_op_modules_plug_into_flax_layers(rng):
@@ -166,10 +158,13 @@ def test_layer_applied_three_times_counts_uses_and_sums_state(rng):
   per_use = state_grad(Separate(), separate_params, separate_state)
   per_use = [per_use[f'conv{i}']['Int8ConvGeneralDilated_0'] for i in range(3)]
   assert float(got['uses']) == 3.0
+  assert float(got['input_saturation']) == 3.0  # each application clips at its max-abs (a search trace)
   for name in ('grad_clip', 'grad_deviation', 'input_clip'):
     values = [float(u[name]) for u in per_use]
     assert len(set(values)) == 3, name  # the three applications really differ
     np.testing.assert_allclose(float(got[name]), sum(values), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got['input_amax']), sum(np.asarray(u['input_amax']) for u in per_use),
+                             rtol=1e-6)
 
 
 class DeepChain(nn.Module):
@@ -196,14 +191,14 @@ def test_layer_order_is_the_call_order_and_names_the_layer_stats_keys(rng):
   expected = [f'model/Conv_{i}' for i in range(1, 12)] + ['model/a_shared', 'model/Dense_0']
   assert order == expected
   # state that came out of a jitted function has sorted keys: the order is lost there
-  stats = jnn.layer_stats(jax.jit(model.init)(key, x)[jnn.STATE_COLLECTION])
+  stats = quant_state.layer_stats(jax.jit(model.init)(key, x)[jnn.STATE_COLLECTION])
   assert list(stats) == sorted(expected) != expected
 
 
 def test_layer_stats_give_the_weight_levels_of_each_kernel(rng):
   model = jnn.Int8Model(DeepChain(), policy=jnn.Int8Policy(keep_dense_float=False))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32))
-  stats = jnn.layer_stats(variables[jnn.STATE_COLLECTION], variables['params'])
+  stats = quant_state.layer_stats(variables[jnn.STATE_COLLECTION], variables['params'])
   for name, layer in stats.items():
     kernel = np.asarray(traverse_util.flatten_dict(variables['params'], sep='/')[f'{name}/kernel'], np.float64)
     per_channel = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
@@ -211,4 +206,53 @@ def test_layer_stats_give_the_weight_levels_of_each_kernel(rng):
   # a channel scaled down 64 times keeps 1/64 of the levels
   kernel = rng.normal(size=(3, 3, 1, 8)).astype(np.float32)
   kernel[..., 0] *= np.abs(kernel[..., 1:]).max() / 64 / np.abs(kernel[..., 0]).max()
-  np.testing.assert_allclose(jnn.weight_levels(jnp.asarray(kernel)), 127 / 64, rtol=1e-6)
+  np.testing.assert_allclose(quant_state.weight_levels(jnp.asarray(kernel)), 127 / 64, rtol=1e-6)
+
+
+class FloatNet(nn.Module):
+  """Two plain convs and a classifier, made int8 by ``Int8Model``."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize('input_clip', ['delayed', 'maxabs'])
+def test_search_cond_searches_every_period_and_reuses_the_clips_between(rng, input_clip):
+  model = jnn.Int8Model(FloatNet(), config=jnn.Int8Config(input_clip=input_clip),
+                        policy=jnn.Int8Policy(keep_first_conv_float=False))
+  images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+  params, int8_state = variables['params'], variables[jnn.STATE_COLLECTION]
+  period = 3
+
+  def step(model, params, int8_state, images, key):
+    loss = lambda p, s: (model.apply({'params': p, jnn.STATE_COLLECTION: s}, images,
+                                     rngs={jnn.ROUNDING_RNG: key}) ** 2).mean()
+    g_params, g_state = jax.grad(loss, argnums=(0, 1))(params, int8_state)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, g_params), quant_state.update(int8_state, g_state)
+
+  run = jax.jit(lambda step_index, *args: jnn.search_cond(step, model, args[1], step_index, period, *args))
+  searched_by_config = {c: jax.jit(functools.partial(step, model.clone(config=jnn.Int8Config(
+      input_clip=input_clip, searches=c)))) for c in (True, False)}
+  clips = []
+  for k in range(7):
+    images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+    due = bool(quant_state.search_due(int8_state, k, period, delayed_input_clip=input_clip == 'delayed'))
+    assert due == (k % period == 0)
+    expected = searched_by_config[due](params, int8_state, images, jax.random.key(k))
+    params, int8_state = run(k, params, int8_state, images, jax.random.key(k))
+    jax.tree.map(np.testing.assert_array_equal, (params, int8_state), expected)  # the trace the step needs
+    clips.append(float(int8_state['model']['Conv_1']['Int8ConvGeneralDilated_0']['grad_clip']))
+  # searched on steps 0, 3, 6; reused in between
+  assert clips[1] == clips[0] and clips[2] == clips[0] and clips[3] != clips[2] and clips[4] == clips[3]
+
+
+def test_search_cond_runs_a_float_model_as_it_is(rng):
+  model = FloatNet()
+  images = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), images)
+  out = jnn.search_cond(lambda m, x: m.apply(params, x), model, {}, 0, 100, images)
+  np.testing.assert_array_equal(out, model.apply(params, images))

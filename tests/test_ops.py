@@ -62,6 +62,13 @@ def _int8(rng, shape):
   return rng.integers(-127, 128, shape).astype(np.int8)
 
 
+def _seeds(rng):
+  return jnp.asarray(rng.integers(0, 2 ** 32, size=2), jnp.uint32)
+
+
+SEEDS = [jnp.asarray([7 * i + 1, 7 * i + 2], jnp.uint32) for i in range(4)]
+
+
 @pytest.mark.parametrize('case', CONV_CASES, ids=CASE_IDS)
 def test_xla_backend_conv_is_exact(rng, case):
   n, spatial, cin, cout, kernel, _, _, _, groups = case
@@ -111,12 +118,12 @@ def test_int8_conv_matches_float64(rng, case):
   n, spatial, cin, cout, kernel, strides, padding, dilation, groups = case
   x = rng.normal(size=(n, *spatial, cin)).astype(np.float32)
   w = rng.normal(size=(*kernel, cin // groups, cout)).astype(np.float32)
-  key = jax.random.PRNGKey(int(rng.integers(2**31)))
+  seeds = _seeds(rng)
 
   def int8_conv(x, w):
     return ops.int8_conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
                                          dimension_numbers=_dims(len(strides)), feature_group_count=groups,
-                                         state=_state(), key=key)
+                                         state=_state(), seeds=seeds)
 
   out_shape = jax.eval_shape(int8_conv, x, w).shape
   g = rng.normal(size=out_shape).astype(np.float32)
@@ -143,7 +150,7 @@ def test_int8_conv_is_exact_on_integer_valued_inputs(rng):
   def int8_conv(x, w):
     return ops.int8_conv_general_dilated(x, w, strides, padding, dimension_numbers=_dims(2),
                                          feature_group_count=groups, state=_state(),
-                                         key=jax.random.PRNGKey(0), config=config)
+                                         seeds=SEEDS[0], config=config)
 
   g = _int8(rng, jax.eval_shape(int8_conv, x, w).shape).astype(np.float32)
   g.flat[0] = 127
@@ -158,7 +165,7 @@ def test_conv_keeps_int8_residuals(rng):
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.bfloat16)
   geometry = backend_lib.ConvGeometry((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
-  y, residuals = ops._conv_fwd(x, w, _state(), jax.random.PRNGKey(0), geometry, Int8Config())
+  y, residuals = ops._conv_fwd(x, w, _state(), SEEDS[0], geometry, Int8Config())
   xq, wq = residuals[:2]
   assert y.dtype == jnp.bfloat16
   assert xq.dtype == wq.dtype == jnp.int8 and xq.shape == x.shape and wq.shape == w.shape
@@ -171,10 +178,17 @@ def test_nchw_dimension_numbers(rng):
   w = rng.normal(size=(6, 4, 3, 3)).astype(np.float32)   # OIHW
   dn = ('NCHW', 'OIHW', 'NCHW')
   y = ops.int8_conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=dn, state=_state(),
-                                    key=jax.random.PRNGKey(0))
+                                    seeds=SEEDS[0])
   ref = lax.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=dn, precision='highest')
   assert y.shape == ref.shape
   assert _cosine(y, ref) > 0.9995
+
+
+def _conv_cotangent(x, w, g, config, state, seeds=SEEDS[1]):
+  """The state cotangent and the weight gradient of one int8 conv of ``x`` and ``w`` with output gradient ``g``."""
+  f = lambda s, w: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
+                                                 seeds=seeds, config=config)
+  return _value_and_vjp(f, lambda y: g)(state, w)[1]
 
 
 @pytest.mark.parametrize('refine', [0, 8])
@@ -183,38 +197,85 @@ def test_state_cotangent_search_and_reuse(rng, refine):
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
   g = (rng.standard_t(2.0, size=(4, 16, 16, 4)) * 1e-3).astype(np.float32)
 
-  def state_cotangent(state):
-    f = lambda s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
-                                                key=jax.random.PRNGKey(1), config=Int8Config(refine=refine))
-    return _value_and_vjp(f, lambda y: g)(state)[1][0]
-
-  searched = state_cotangent(_state(search=1.0))
+  searched, _ = _conv_cotangent(x, w, g, Int8Config(refine=refine), _state())
   expected = quant.dsgc_search(jnp.asarray(g), refine=refine)
   # The config's refine reaches the gradient's search: the two settings choose different clips here.
   assert float(expected.clip) != float(quant.dsgc_search(jnp.asarray(g), refine=8 - refine).clip)
   np.testing.assert_allclose(float(searched.grad_clip), float(expected.clip), rtol=1e-6)
   assert float(searched.uses) == 1.0 and float(searched.nonfinite) == 0.0
   assert 0 < float(searched.grad_deviation) < 0.1
-  np.testing.assert_allclose(float(searched.input_clip), np.abs(x).max(), rtol=1e-6)
-  assert float(searched.search) == float(searched.step) == 0.0
+  # A search step clips activations at this step's max-abs: no saturation.
+  amax = np.abs(x).max()
+  assert float(searched.input_clip) == float(searched.input_amax[0]) == amax
+  assert float(searched.input_saturation) == 1.0 and not np.any(np.asarray(searched.input_amax[1:]))
   # Between searches the stored clip is used as it is, and the deviation is still measured.
-  reused = state_cotangent(_state(search=0.0, grad_clip=0.123))
+  reused, _ = _conv_cotangent(x, w, g, Int8Config(refine=refine, searches=False),
+                              _state(grad_clip=0.123, input_amax=np.full(16, amax)))
   np.testing.assert_allclose(float(reused.grad_clip), 0.123, rtol=1e-6)
   assert float(reused.grad_deviation) > 0
+
+
+def test_the_op_quantizes_with_jint8_quant_bit_for_bit(rng):
+  # What the fused quantizers write is jint8.quant's quantization at the same clip: the int8 wgrad of the
+  # op's operands equals the reference backend's wgrad of quant.quantize's, exactly.
+  x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+  g = (rng.standard_t(3.0, size=(2, 8, 8, 6)) * 1e-2).astype(np.float32)
+  history = np.abs(x).max() * rng.uniform(0.5, 0.9, size=16).astype(np.float32)  # a stale clip: saturates
+  seeds = _seeds(rng)
+  config = Int8Config(searches=False)
+  cot, dw = _conv_cotangent(x, w, g, config, _state(grad_clip=0.02, input_amax=history), seeds)
+  cx, cg = quant.safe_clip(history.max()), jnp.float32(0.02)
+  xq, gq = quant.quantize(jnp.asarray(x), cx), quant.quantize(jnp.asarray(g), cg, seeds=seeds)
+  geometry = backend_lib.ConvGeometry((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+  expected = XLA.conv_wgrad(xq, gq, geometry, (3, 3), cx * cg / 127 ** 2)
+  np.testing.assert_array_equal(np.asarray(dw), np.asarray(expected))
+  # The side outputs equal separate reductions: max|x| (exact), the deviation (float64 reference).
+  assert float(cot.input_amax[0]) == np.abs(x).max() and float(cot.input_clip) == float(cx)
+  assert float(cot.input_saturation) == pytest.approx(np.abs(x).max() / float(cx), rel=1e-6) and cot.input_saturation > 1
+  g64, q64 = g.astype(np.float64).ravel(), np.asarray(gq, np.float64).ravel()
+  np.testing.assert_allclose(float(cot.grad_deviation), 1 - g64 @ q64 / np.linalg.norm(g64) / np.linalg.norm(q64),
+                             rtol=1e-3, atol=1e-7)
+
+
+def test_a_clip_searched_on_an_all_zero_gradient_is_no_clip(rng):
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  zero = np.zeros((2, 6, 6, 4), np.float32)
+  searched, dw = _conv_cotangent(x, w, zero, Int8Config(), _state())
+  assert float(searched.grad_clip) == 0.0  # so the next step searches again
+  assert float(searched.grad_deviation) == 0.0 and float(searched.nonfinite) == 0.0
+  assert not np.any(np.asarray(dw))
+  steady, _ = _conv_cotangent(x, w, zero, Int8Config(searches=False), _state(grad_clip=0.5, input_amax=np.ones(16)))
+  assert float(steady.grad_clip) == 0.5  # a stored clip stays
+
+
+def test_differentiating_without_rounding_seeds_is_an_error(rng):
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  f = lambda x: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=_state(),
+                                              seeds=None)
+  assert f(x).shape == (2, 6, 6, 4)  # a forward pass needs none
+  with pytest.raises(ValueError, match='needs the seeds of its stochastic rounding'):
+    jax.grad(lambda x: f(x).sum())(x)
+  with pytest.raises(TypeError, match='two uint32'):
+    ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=_state(),
+                                  seeds=jnp.ones(3, jnp.int32))
 
 
 def test_nonfinite_gradient_is_reported_not_quantized(rng):
   x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
-  state = _state(search=0.0, grad_clip=0.5, grad_deviation=0.01)
-  f = lambda x, w, s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2),
-                                                    state=s, key=jax.random.PRNGKey(0))
-  g = rng.normal(size=jax.eval_shape(f, x, w, state).shape).astype(np.float32)
-  g[0, 1, 2, 3] = np.inf
-  _, (dx, dw, cot) = _value_and_vjp(f, lambda y: g)(x, w, state)
-  assert np.isnan(np.asarray(dx)).all() and np.isnan(np.asarray(dw)).all()
-  assert float(cot.nonfinite) == 1.0
-  assert float(cot.grad_clip) == 0.5 and float(cot.grad_deviation) == pytest.approx(0.01)
+  state = _state(grad_clip=0.5, grad_deviation=0.01, input_amax=np.full(16, 3.0))
+  for config in (Int8Config(), Int8Config(searches=False)):
+    f = lambda x, w, s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2),
+                                                      state=s, seeds=SEEDS[0], config=config)
+    for bad in (np.inf, np.nan):
+      g = rng.normal(size=jax.eval_shape(f, x, w, state).shape).astype(np.float32)
+      g[0, 1, 2, 3] = bad
+      _, (dx, dw, cot) = _value_and_vjp(f, lambda y: g)(x, w, state)
+      assert np.isnan(np.asarray(dx)).all() and np.isnan(np.asarray(dw)).all()
+      assert float(cot.nonfinite) == 1.0
 
 
 @pytest.mark.parametrize('lhs_shape,dims', [((2, 3, 5, 7), (((3,), (0,)), ((), ()))),
@@ -227,7 +288,7 @@ def test_int8_dot_general_matches_float64(rng, lhs_shape, dims):
   rhs_shape[[i for i in range(len(rhs_shape)) if i not in rc][0]] = 6
   x = rng.normal(size=lhs_shape).astype(np.float32)
   w = rng.normal(size=rhs_shape).astype(np.float32)
-  f = lambda x, w: ops.int8_dot_general(x, w, dims, state=_state(), key=jax.random.PRNGKey(3))
+  f = lambda x, w: ops.int8_dot_general(x, w, dims, state=_state(), seeds=SEEDS[3])
   g = rng.normal(size=jax.eval_shape(f, x, w).shape).astype(np.float32)
   y, (dx, dw) = _value_and_vjp(f, lambda y: g)(x, w)
   with jax.enable_x64(True):
@@ -242,7 +303,7 @@ def test_int8_dot_general_matches_float64(rng, lhs_shape, dims):
 def test_bad_input_errors(rng):
   x = rng.normal(size=(2, 5, 5, 4)).astype(np.float32)
   w = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
-  kw = dict(dimension_numbers=_dims(2), state=_state(), key=jax.random.PRNGKey(0))
+  kw = dict(dimension_numbers=_dims(2), state=_state(), seeds=SEEDS[0])
   with pytest.raises(TypeError, match='lhs must be a floating-point'):
     ops.int8_conv_general_dilated(x.astype(np.int32), w, (1, 1), 'SAME', **kw)
   with pytest.raises(NotImplementedError, match='lhs_dilation'):
@@ -250,9 +311,9 @@ def test_bad_input_errors(rng):
   with pytest.raises(ValueError, match='feature_group_count=3'):
     ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', feature_group_count=3, **kw)
   with pytest.raises(ValueError, match='contracting dimensions'):
-    ops.int8_dot_general(x, w, (((3,), (1,)), ((), ())), state=_state(), key=jax.random.PRNGKey(0))
+    ops.int8_dot_general(x, w, (((3,), (1,)), ((), ())), state=_state(), seeds=SEEDS[0])
   with pytest.raises(ValueError, match='input_clip'):
-    Int8Config(input_clip='minmax')
+    Int8Config(input_clip='stored')
   with pytest.raises(ValueError, match='unknown int8 backend'):
     backend_lib.get_backend('cuda-magic')
 
@@ -263,44 +324,40 @@ def test_auto_backend_is_the_xla_reference_off_gpu():
   assert Int8Config().backend == 'auto'
 
 
-def test_stored_input_clip_is_searched_then_reused(rng):
+def test_delayed_input_clip_is_the_largest_of_the_history(rng):
   x = (rng.standard_t(2.0, size=(2, 6, 6, 3))).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
-  config = Int8Config(input_clip='stored')
-
-  def input_clip_cotangent(state):
-    f = lambda s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
-                                                key=jax.random.PRNGKey(1), config=config)
-    return float(_value_and_vjp(f, jnp.ones_like)(state)[1][0].input_clip)
-
-  np.testing.assert_allclose(input_clip_cotangent(_state(search=1.0)),
-                             float(quant.dsgc_search(jnp.asarray(x)).clip), rtol=1e-6)
-  assert input_clip_cotangent(_state(search=0.0, input_clip=0.75)) == pytest.approx(0.75)
+  history = rng.uniform(0.5, 2.0, size=16).astype(np.float32)
+  geometry = backend_lib.ConvGeometry((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+  for config, clip in ((Int8Config(searches=False), history.max()),              # between searches: delayed
+                       (Int8Config(), np.abs(x).max()),                          # search step: exact
+                       (Int8Config(input_clip='maxabs', searches=False), np.abs(x).max())):  # always exact
+    _, residuals = ops._conv_fwd(jnp.asarray(x), jnp.asarray(w), _state(input_amax=history), SEEDS[0], geometry,
+                                 config)
+    xq, _, cx = residuals[:3]
+    assert float(cx) == clip
+    np.testing.assert_array_equal(np.asarray(xq), np.asarray(quant.quantize(jnp.asarray(x), clip)))
+  with pytest.raises(ValueError, match='history'):
+    Int8Config(history=0)
 
 
 def test_a_trace_without_searches_uses_the_stored_clips(rng):
   x = (rng.standard_t(2.0, size=(2, 6, 6, 3))).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
   g = (rng.standard_t(2.0, size=(2, 6, 6, 4)) * 1e-3).astype(np.float32)
-
-  def cotangent(config, state):
-    f = lambda s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2), state=s,
-                                                key=jax.random.PRNGKey(1), config=config)
-    return _value_and_vjp(f, lambda y: g)(state)[1][0]
-
-  state = _state(search=1.0, grad_clip=0.123, input_clip=0.75)  # the flag says search
-  steady = cotangent(Int8Config(input_clip='stored', searches=False), state)
+  state = _state(grad_clip=0.123, input_amax=np.full(16, 0.75))
+  steady, _ = _conv_cotangent(x, w, g, Int8Config(searches=False), state)
   assert float(steady.grad_clip) == pytest.approx(0.123) and float(steady.input_clip) == pytest.approx(0.75)
-  searched = cotangent(Int8Config(input_clip='stored'), state)
+  searched, _ = _conv_cotangent(x, w, g, Int8Config(), state)
   np.testing.assert_allclose(float(searched.grad_clip), float(quant.dsgc_search(jnp.asarray(g)).clip), rtol=1e-6)
-  np.testing.assert_allclose(float(searched.input_clip), float(quant.dsgc_search(jnp.asarray(x)).clip), rtol=1e-6)
+  assert float(searched.input_clip) == np.abs(x).max()
 
 
 def _depthwise_conv(config, case):
   _, _, _, _, _, strides, padding, dilation, groups = case
   return lambda x, w: ops.int8_conv_general_dilated(
       x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_dims(len(strides)),
-      feature_group_count=groups, state=_state(), key=jax.random.PRNGKey(0), config=config)
+      feature_group_count=groups, state=_state(), seeds=SEEDS[0], config=config)
 
 
 @pytest.mark.parametrize('backend', ['xla', 'pallas'])

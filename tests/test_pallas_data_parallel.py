@@ -28,19 +28,16 @@ _CHECK = textwrap.dedent('''
     g = ints(8, *geom.out_spatial((7, 6), (3, 3)), 10)
     gf = jnp.asarray(rng.standard_t(3, size=(8, 5, 4, 6)), jnp.float32)
     a, b, c = ints(8, 24), ints(24, 16), ints(8, 5)
-    key = jax.random.key(3)
+    seeds = jnp.asarray([3, 4], jnp.uint32)
     ratios = quant.candidate_ratios(32, 2.0 ** -8)
 
     def ops(x, w, g, gf, a, b, c):
       assert data_parallel.shards(x.shape[0]) == shards
-      clip = be.search_clip(gf, jnp.float32(0), jnp.float32(1), ratios=ratios, refine=8)
-      searched = be.quantize_gradient(gf, clip, key, stochastic=True)
-      stored = be.quantize_gradient(gf, be.search_clip(gf, jnp.float32(0.9), jnp.float32(0), ratios=ratios,
-                                                       refine=8), key, stochastic=True)
+      clip = be.search_clip(gf, ratios=ratios, refine=8)
+      gq = quant.quantize(gf, clip, seeds=seeds)  # jnp: GSPMD partitions it, with each element's global index
       return dict(fwd=be.conv(x, w, geom, 0.5, jnp.bfloat16), dgrad=be.conv_dgrad(g, w, geom, (7, 6), 0.25),
-                  wgrad=be.conv_wgrad(x, g, geom, (3, 3), 2.0), rtn=be.quantize(gf, jnp.float32(1.5)),
-                  gq=searched[0], clip=searched[1], dev=searched[2], finite=searched[3],
-                  gq_stored=stored[0], dev_stored=stored[2],
+                  wgrad=be.conv_wgrad(x, g, geom, (3, 3), 2.0), rtn=quant.quantize(gf, jnp.float32(1.5)),
+                  gq=gq, clip=clip, dev=quant.deviation_sums(gf, gq, clip).deviation(),
                   mm_fwd=be.matmul(a, b, (1, 0), 1.0), mm_dgrad=be.matmul(a, b.T, (1, 1), 1.0),
                   mm_wgrad=be.matmul(a, c, (0, 0), 1.0))
 
@@ -55,8 +52,8 @@ _CHECK = textwrap.dedent('''
     sharded = compiled(*placed)
     assert 'all-gather' not in compiled.as_text(), 'operands were gathered'
     for k in single:
-      if k.startswith('dev'):
-        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-7, err_msg=k)
+      if k in ('dev', 'clip'):  # float32 sums in another order: 1 - cos within a few float32 steps of cos
+        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=2e-6, err_msg=k)
       else:
         np.testing.assert_array_equal(sharded[k], single[k], err_msg=k)
     print('OK', float(single['clip']), float(single['dev']))

@@ -40,16 +40,81 @@ def test_dequantize_round_trip_error_is_half_a_step(rng):
 
 def test_stochastic_rounding_is_unbiased_and_deterministic(rng):
   x = rng.uniform(-1, 1, size=64).astype(np.float32)
-  keys = jax.random.split(jax.random.PRNGKey(int(rng.integers(2**31))), 4000)
-  samples = jax.vmap(lambda k: quant.quantize(jnp.asarray(x), 1.0, key=k))(keys)
+  seeds = jnp.asarray(rng.integers(0, 2 ** 32, size=(4000, 2)), jnp.uint32)
+  samples = jax.vmap(lambda s: quant.quantize(jnp.asarray(x), 1.0, seeds=s))(seeds)
   samples = np.asarray(samples).astype(np.float64)
   v = x.astype(np.float64) * 127
   assert np.all((samples == np.floor(v)) | (samples == np.ceil(v)))
   # The mean of 4000 Bernoulli draws is within 5 standard errors (<= 0.5 / sqrt(4000)) of v.
   assert np.abs(samples.mean(0) - v).max() < 5 * 0.5 / np.sqrt(4000)
-  a = quant.quantize(jnp.asarray(x), 1.0, key=keys[0])
-  b = quant.quantize(jnp.asarray(x), 1.0, key=keys[0])
+  a = quant.quantize(jnp.asarray(x), 1.0, seeds=seeds[0])
+  b = quant.quantize(jnp.asarray(x), 1.0, seeds=seeds[0])
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stochastic_rounding_of_one_large_tensor_is_unbiased(rng):
+  n = 200_000  # one draw per element: the hash's stream along the flat index, not across seeds
+  x = rng.uniform(-1, 1, size=(40, 50, 100)).astype(np.float32)
+  seeds = jnp.asarray(rng.integers(0, 2 ** 32, size=2), jnp.uint32)
+  q = np.asarray(quant.quantize(jnp.asarray(x), 1.0, seeds=seeds), np.float64)
+  delta = q - x.astype(np.float64) * 127
+  assert np.all((delta > -1) & (delta < 1))
+  assert abs(delta.mean()) < 5 * 0.5 / np.sqrt(n)
+  # a constant value rounds up with probability frac(v)
+  const = np.asarray(quant.quantize(jnp.full((n,), 0.3 / 127, jnp.float32), 1.0, seeds=seeds), np.float64)
+  assert abs(const.mean() - 0.3) < 5 * np.sqrt(0.21 / n)
+  other = quant.quantize(jnp.asarray(x), 1.0, seeds=seeds ^ jnp.uint32(1))
+  assert np.mean(np.asarray(other) != q) > 0.1
+
+
+def test_uniform_hash_is_uniform_and_decorrelated(rng):
+  seeds = jnp.asarray(rng.integers(0, 2 ** 32, size=2), jnp.uint32)
+  u = np.asarray(quant.uniform_hash((256, 256), seeds)).ravel()
+  assert u.min() >= 0.0 and u.max() < 1.0
+  counts = np.histogram(u, bins=32, range=(0, 1))[0]
+  expected = u.size / 32
+  assert np.sum((counts - expected) ** 2 / expected) < 70  # chi-square, 31 dof: p ~ 1e-4
+  assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.02  # neighbours along the last axis
+  assert abs(np.corrcoef(u[:-256], u[256:])[0, 1]) < 0.02  # and along the first
+
+
+def test_flat_index_is_the_row_major_index():
+  np.testing.assert_array_equal(np.asarray(quant.flat_index((3, 4, 5))), np.arange(60, dtype=np.uint32).reshape(3, 4, 5))
+
+
+def test_rounding_seeds_come_from_the_key_data(rng):
+  key = jax.random.key(int(rng.integers(2 ** 31)), impl='rbg')
+  words = np.asarray(jax.random.key_data(key))
+  np.testing.assert_array_equal(np.asarray(quant.rounding_seeds(key)), words[:2])
+  other = jax.random.fold_in(key, 1)
+  assert not np.array_equal(np.asarray(quant.rounding_seeds(other)), words[:2])
+  threefry = jax.random.key(int(rng.integers(2 ** 31)))
+  np.testing.assert_array_equal(np.asarray(quant.rounding_seeds(threefry)), np.asarray(jax.random.key_data(threefry)))
+
+
+@pytest.mark.parametrize('scale', [1e-30, 1e-3, 1e30])
+def test_deviation_sums_give_the_float64_cosine_deviation(rng, scale):
+  g = heavy_tailed(rng, 5000) * np.float32(scale / 1e-3)
+  clip = np.float32(np.quantile(np.abs(g), 0.99))
+  seeds = jnp.asarray(rng.integers(0, 2 ** 32, size=2), jnp.uint32)
+  q = quant.quantize(jnp.asarray(g), clip, seeds=seeds)
+  sums = quant.deviation_sums(jnp.asarray(g), q, clip)
+  g64, q64 = g.astype(np.float64), np.asarray(q, np.float64)
+  expected = 1 - g64 @ q64 / np.linalg.norm(g64) / np.linalg.norm(q64)
+  np.testing.assert_allclose(float(sums.deviation()), expected, rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(float(sums.qq), q64 @ q64, rtol=1e-6)  # integers: exact up to float32 summation
+  assert bool(sums.finite())
+
+
+def test_deviation_sums_flag_non_finite_and_keep_the_zero_conventions(rng):
+  g = jnp.asarray(rng.normal(size=300), jnp.float32)
+  for bad in (jnp.inf, -jnp.inf, jnp.nan):
+    bad_g = g.at[17].set(bad)
+    assert not bool(quant.deviation_sums(bad_g, quant.quantize(g, 1.0), 1.0).finite())
+  zero = jnp.zeros(300, jnp.float32)
+  sums = quant.deviation_sums(zero, quant.quantize(zero, 1.0), 1.0)
+  assert float(sums.deviation()) == 0.0 and bool(sums.finite())
+  assert float(quant.deviation_sums(g, jnp.zeros(300, jnp.int8), 1.0).deviation()) == 1.0
 
 
 def test_cosine_deviation_matches_float64(rng):

@@ -374,7 +374,7 @@ def test_create_optimizer_is_optax_by_name_with_weight_decay():
 def _toy_step(state, data, order, index):
   """A train step of a toy state: adds the batch's value; metrics like an int8 step's, varying per batch."""
   value = data[order[index]]
-  layer = {'grad_clip': value, 'grad_deviation': value / 10, 'input_clip': 2 * value,
+  layer = {'grad_clip': value, 'grad_deviation': value / 10, 'input_clip': 2 * value, 'input_saturation': value / 2,
            'nonfinite': (value > 3.5).astype(jnp.float32), 'weight_levels': 3 * value}
   layers = {'a': layer, 'b': dict(layer, grad_deviation=value / 5)}
   return state + value, {'loss': value, 'accuracy': value / 4, 'layers': layers}
@@ -395,17 +395,18 @@ def test_multi_step_runs_the_steps_of_one_epoch_and_summarizes_them(rng):
                                    'grad_deviation_max': values.max() / 5,
                                    'nonfinite': 2 * int((values > 3.5).sum())}, rel=1e-5)
   assert layers['a'] == pytest.approx({'grad_deviation': values.mean() / 10, 'grad_clip': values[-1],
-                                       'input_clip': 2 * values[-1], 'nonfinite': int((values > 3.5).sum()),
-                                       'weight_levels': 3 * values[-1]}, rel=1e-5)
+                                       'input_clip': 2 * values[-1], 'input_saturation': values.max() / 2,
+                                       'saturated_steps': int((values > 2).sum()),
+                                       'nonfinite': int((values > 3.5).sum()), 'weight_levels': 3 * values[-1]},
+                                      rel=1e-5)
   fp32 = trainer.summarize_train([trainer.step_record({'loss': jnp.float32(1.5), 'accuracy': jnp.float32(1.0)})])
   assert fp32 == ({'loss': 1.5, 'accuracy': 1.0}, {})
 
 
-@pytest.mark.parametrize('precision_name,separate,traced', [('int8', True, [True, False]), ('int8', False, [True]),
-                                                           ('fp32', True, [None])])
-def test_bind_train_step_traces_int8_steps_with_and_without_the_search(rng, precision_name, separate, traced):
+@pytest.mark.parametrize('precision_name,traced', [('int8', [True, False]), ('fp32', [None])])
+def test_bind_train_step_traces_int8_steps_with_and_without_the_search(rng, precision_name, traced):
   config = default.get_config()
-  config.precision, config.int8.separate_search_trace = precision_name, separate
+  config.precision = precision_name
   images = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
   model = precision.apply_precision(TinyCNN(num_classes=3), config)
   variables = model.init(jax.random.PRNGKey(0), images, train=False)
@@ -534,7 +535,8 @@ def test_a_resumed_run_is_checked_with_the_losses_it_logged_before(tmp_path):
 
 def test_int8_config_takes_the_int8_keys_of_the_config():
   config = _config()
-  config.int8.depthwise_channel_clips, config.int8.refine, config.int8.dsgc, config.seed = True, 3, False, 7
+  config.int8.depthwise_channel_clips, config.int8.refine, config.int8.dsgc = True, 3, False
+  config.int8.input_clip, config.int8.history = 'maxabs', 5
   int8 = precision.int8_config(config)
   assert int8.depthwise_channel_clips and int8.refine == 3 and not int8.dsgc
-  assert int8.seed == 0  # config.seed reaches the rounding at run time (trainer.rounding_key), not in the program
+  assert int8.input_clip == 'maxabs' and int8.history == 5

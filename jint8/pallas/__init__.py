@@ -2,10 +2,7 @@
 
 ``PallasBackend`` implements ``jint8.backend.Backend`` with the same semantics as ``XlaBackend``:
 
-- ``quantize``: ``quantize``, one pass, round to nearest even (bit-identical to ``quant.quantize`` as XLA
-  compiles it).
-- ``quantize_gradient``: ``quantize`` with stochastic rounding and the deviation sums in the same pass;
-  ``clip_scores`` for max|g| and the DSGC search (its passes idle except on search steps).
+- ``search_clip``: ``clip_scores``, the DSGC search in three passes (search steps only).
 - ``matmul``: ``gemm``, a K-major int8 GEMM.
 - ``conv``: ``conv`` (implicit GEMM) / ``depthwise``, or XLA's int8 conv (``"vendor"``).
 - ``conv_dgrad``: ``conv`` (implicit GEMM over stride phases) / ``depthwise``, or the vendor conv for stride 1.
@@ -48,7 +45,6 @@ from jint8.pallas import data_parallel
 from jint8.pallas import depthwise
 from jint8.pallas import depthwise_wgrad
 from jint8.pallas import gemm
-from jint8.pallas import quantize as quantize_kernel
 
 CONV_IMPLS = ('auto', 'pallas', 'vendor')
 WGRAD_LAYOUTS = ('auto',) + wgrad_kernel.LAYOUTS
@@ -124,22 +120,8 @@ class PallasBackend:
       self.fallbacks[key] = reason
       logging.warning('jint8 pallas backend: %s: %s', key, reason)
 
-  def quantize(self, x, clip):
-    return quantize_kernel.quantize(x, clip, interpret=self._interpret())
-
-  def search_clip(self, x, clip, search, *, ratios, refine):
-    # The search passes are switched off inside the kernels rather than by lax.cond, whose predicate XLA on
-    # GPUs reads back to the host, once per layer and step.
-    search = quant.needs_search(search, clip)
-    searched = clip_scores.dsgc_search(x, ratios, refine, interpret=self._interpret(), enabled=search).clip
-    return jnp.where(search, searched, quant.safe_clip(clip))
-
-  def quantize_gradient(self, g, clip, key, *, stochastic):
-    interpret = self._interpret()
-    seeds = jax.random.bits(key, (2,), jnp.uint32) if stochastic else None
-    clip = quant.safe_clip(clip_scores.abs_max(g, interpret=interpret)[0] if clip is None else clip)
-    gq, stats = quantize_kernel.quantize(g, clip, seeds, with_stats=True, interpret=interpret)
-    return gq, clip, stats.deviation, stats.finite
+  def search_clip(self, g, *, ratios, refine):
+    return clip_scores.dsgc_search(g, ratios, refine, interpret=self._interpret()).clip
 
   def conv(self, lhs, rhs, geometry, scale, out_dtype=jnp.float32):
     path = self.plan('conv', lhs.shape, rhs.shape, geometry)

@@ -5,8 +5,7 @@ from a first pass) it gives, for every candidate at once, the sums <g, q_k> and 
 round-to-nearest quantization ``q_k`` of ``g / max|g|`` and the shared <g, g>; ``clip_scores`` turns them into
 cosine deviations. Each program loops over a contiguous chunk and writes one partial per output, so the
 partials stay small. As in the reference compiled by XLA, the divisions are products with reciprocals
-computed outside the kernel. ``enabled`` (a runtime flag) lets a caller skip the pass without a host-side
-branch: a disabled program writes nothing. Reference: ``jint8.quant.score_clips`` / ``quant.dsgc_search``.
+computed outside the kernel. Reference: ``jint8.quant.score_clips`` / ``quant.dsgc_search``.
 """
 
 from __future__ import annotations
@@ -26,14 +25,8 @@ from jint8.pallas import data_parallel
 MAX_PROGRAMS = 1024
 
 
-def _kernel(enabled_ref, g_ref, inv_amax_ref, inv_rel_ref, *out_refs, n, sub, steps, num_clips, interpret):
-  pid = pl.program_id(0)  # outside pl.when: the interpreter cannot read it inside a branch
-  pl.when(enabled_ref[0] != 0)(functools.partial(
-      _pass, pid, g_ref, inv_amax_ref, inv_rel_ref, *out_refs, n=n, sub=sub, steps=steps, num_clips=num_clips,
-      interpret=interpret))
-
-
-def _pass(pid, g_ref, inv_amax_ref, inv_rel_ref, *out_refs, n, sub, steps, num_clips, interpret):
+def _kernel(g_ref, inv_amax_ref, inv_rel_ref, *out_refs, n, sub, steps, num_clips, interpret):
+  pid = pl.program_id(0)
   start = pid * steps * sub
 
   def load(s):
@@ -71,19 +64,19 @@ def _pass(pid, g_ref, inv_amax_ref, inv_rel_ref, *out_refs, n, sub, steps, num_c
   gg_out[pid] = gg
 
 
-def _launch(enabled, g, inv_amax, inv_rel, *, num_clips, sub, interpret):
+def _launch(g, inv_amax, inv_rel, *, num_clips, sub, interpret):
   """The per-program partials of one pass over ``g`` (over each device's batch shard under data parallelism:
   the partials of all shards together are those of a differently chunked pass)."""
   if g.size >= 2 ** 31:
     raise ValueError(f'the Pallas clip search indexes with int32; {g.size} elements is too many')
 
-  def run(g, enabled, inv_amax, inv_rel):
-    return _launch_local(enabled, g, inv_amax, inv_rel, num_clips=num_clips, sub=sub, interpret=interpret)
+  def run(g, inv_amax, inv_rel):
+    return _launch_local(g, inv_amax, inv_rel, num_clips=num_clips, sub=sub, interpret=interpret)
 
-  return data_parallel.map_batch(run, (g,), (jnp.asarray(enabled, jnp.int32).reshape(1), inv_amax, inv_rel))
+  return data_parallel.map_batch(run, (g,), (inv_amax, inv_rel))
 
 
-def _launch_local(enabled, g, inv_amax, inv_rel, *, num_clips, sub, interpret):
+def _launch_local(g, inv_amax, inv_rel, *, num_clips, sub, interpret):
   g = g.reshape(-1)
   n = g.size
   sub = min(sub, common.pow2_block(n, 16, sub))
@@ -97,18 +90,17 @@ def _launch_local(enabled, g, inv_amax, inv_rel, *, num_clips, sub, interpret):
   kernel = functools.partial(_kernel, n=n, sub=sub, steps=steps, num_clips=num_clips, interpret=interpret)
   return common.call(kernel, out_shape=out_shape, grid=(programs,), interpret=interpret, num_warps=4,
                      num_stages=2, name='jint8_clip_scores')(
-                         enabled, g, inv_amax.reshape(1), inv_rel)
+                         g, inv_amax.reshape(1), inv_rel)
 
 
-def abs_max(g: jax.Array, *, interpret: bool, enabled: jax.Array | bool = True, sub: int = 2048):
-  """``(max|g|, all finite)`` in one pass (garbage when ``enabled`` is False at run time)."""
+def abs_max(g: jax.Array, *, interpret: bool, sub: int = 2048):
+  """``(max|g|, all finite)`` in one pass."""
   zero = jnp.zeros((1,), jnp.float32)
-  amax, nonfinite = _launch(enabled, g, zero, zero, num_clips=0, sub=sub, interpret=interpret)
+  amax, nonfinite = _launch(g, zero, zero, num_clips=0, sub=sub, interpret=interpret)
   return jnp.max(amax), jnp.sum(nonfinite) == 0
 
 
-def clip_scores(g: jax.Array, amax: jax.Array, clips: jax.Array, *, interpret: bool,
-                enabled: jax.Array | bool = True, sub: int = 256):
+def clip_scores(g: jax.Array, amax: jax.Array, clips: jax.Array, *, interpret: bool, sub: int = 256):
   """Cosine deviation of ``g`` against its round-to-nearest quantization at each clip (``quant.score_clips``).
 
   ``amax`` is max|g| (from ``abs_max``); all clips are scored in one pass over ``g``.
@@ -118,23 +110,19 @@ def clip_scores(g: jax.Array, amax: jax.Array, clips: jax.Array, *, interpret: b
   width = common.pow2_at_least(max(num, 2))
   inv_rel = 1.0 / (quant.safe_clip(clips) / amax)
   inv_rel = jnp.concatenate([inv_rel, jnp.ones((width - num,), jnp.float32)])
-  gq, qq, gg = _launch(enabled, g, 1.0 / amax, inv_rel, num_clips=width, sub=sub, interpret=interpret)
+  gq, qq, gg = _launch(g, 1.0 / amax, inv_rel, num_clips=width, sub=sub, interpret=interpret)
   gq, qq, gg = jnp.sum(gq, 0)[:num], jnp.sum(qq, 0)[:num], jnp.sum(gg)
   cos = gq / jnp.sqrt(jnp.maximum(gg * qq, quant.MIN_CLIP))
   return jnp.clip(jnp.where(gg == 0, 0.0, 1.0 - cos), 0.0, 2.0)
 
 
-def dsgc_search(g: jax.Array, ratios: np.ndarray, refine: int = 8, *, interpret: bool,
-                enabled: jax.Array | bool = True) -> quant.ClipSearch:
-  """``quant.dsgc_search`` with max|g| from ``abs_max`` and the candidate scores from ``clip_scores``.
-
-  Three passes over ``g`` (two with ``refine == 0``); with ``enabled`` False at run time they do nothing and
-  the result is garbage, which lets a caller select between a searched and a stored clip without a branch.
-  """
-  amax, _ = abs_max(g, interpret=interpret, enabled=enabled)
+def dsgc_search(g: jax.Array, ratios: np.ndarray, refine: int = 8, *, interpret: bool) -> quant.ClipSearch:
+  """``quant.dsgc_search`` with max|g| from ``abs_max`` and the candidate scores from ``clip_scores``: three
+  passes over ``g`` (two with ``refine == 0``)."""
+  amax, _ = abs_max(g, interpret=interpret)
 
   def score(g, clips):
-    return clip_scores(g, amax, clips, interpret=interpret, enabled=enabled)
+    return clip_scores(g, amax, clips, interpret=interpret)
 
   return quant.dsgc_search(g, ratios, refine, amax=amax, score=score)
 

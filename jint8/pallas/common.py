@@ -1,8 +1,8 @@
 """What the Pallas kernels share: where they run, how they launch, and exact in-kernel arithmetic.
 
 The kernels use the Pallas Triton backend (``jax.experimental.pallas.triton``); off a CUDA GPU they run with
-``interpret=True``. Triton has no round-to-nearest-even, so the quantizers round with ``round_half_even``
-(``cvt.rni.f32.f32``). They never divide per element: XLA compiles ``jint8.quant``'s ``x / c`` (``c`` a
+``interpret=True``. Triton has no round-to-nearest-even, so the DSGC search rounds with ``round_half_even``
+(``cvt.rni.f32.f32``). It never divides per element: XLA compiles ``jint8.quant``'s ``x / c`` (``c`` a
 broadcast scalar) into ``x * (1 / c)``, so multiplying by a reciprocal computed outside the kernel gives
 bit-identical results.
 """
@@ -114,22 +114,3 @@ def round_half_even(v: jax.Array, *, interpret: bool) -> jax.Array:
       'cvt.rni.f32.f32 $0, $1;', args=[v.astype(jnp.float32)], constraints='=f,f', pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
   return r
-
-
-WEYL = 0x9E3779B9  # the golden-ratio increment of ``uniform``'s Weyl step: seed0 + k * WEYL shifts indices by k
-
-
-def uniform(index: jax.Array, seed0: jax.Array, seed1: jax.Array) -> jax.Array:
-  """Counter-based uniform floats in [0, 1) (24 random bits) for element ``index`` under a 64-bit seed.
-
-  A Weyl step of the index offset by one seed word, then a two-multiply xor-shift finalizer (the other seed
-  word xored in between): a few integer operations per element, decorrelated across neighbours and seeds.
-  """
-  h = index.astype(jnp.uint32) * jnp.uint32(WEYL) + seed0
-  h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
-  h = (h * jnp.uint32(0x21F0AAAD)) ^ seed1
-  h = h ^ lax.shift_right_logical(h, jnp.uint32(15))
-  h = h * jnp.uint32(0x735A2D97)
-  h = h ^ lax.shift_right_logical(h, jnp.uint32(15))
-  bits = lax.shift_right_logical(h, jnp.uint32(8)).astype(jnp.int32)
-  return bits.astype(jnp.float32) * (2.0 ** -24)

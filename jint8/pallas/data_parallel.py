@@ -4,9 +4,9 @@ A Pallas kernel is a custom call that ``jax.jit``'s partitioner cannot split: on
 batch-sharded operands and compute the whole batch on every device. When a mesh is active
 (``jax.set_mesh(mesh)``, as the trainers do) whose axis ``jint8.backend.DATA_AXIS`` has more than one device,
 ``map_batch`` runs a kernel under ``jax.shard_map`` instead: the batch-leading operands (activations and
-gradients) split along their first axis, the others (weights, clips, seeds) replicated. Outputs are either
-batch-leading too (the convs' results, the int8 tensors, per-block partial statistics, which concatenate into
-the single-device partials of a differently blocked tensor) or summed over the devices (wgrad).
+gradients) split along their first axis, the others (weights, clips) replicated. Outputs are either
+batch-leading too (the convs' results, per-block partial statistics, which concatenate into the single-device
+partials of a differently blocked tensor) or summed over the devices (wgrad).
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""The quantization state of an int8 layer, in one place.
+
+Each int8 op module keeps a ``QuantState`` (float32 arrays) in the Flax collection ``STATE_COLLECTION``. This
+module says what each field means, what the backward pass of one application returns for it (its cotangent),
+how the applications of a layer in one step combine, how the train step writes the new state (by overwriting,
+as flax's fp8 ops do with their ``_overwrite_with_gradient`` collection), when the DSGC search is due, and
+which fields are logged and how they summarise over steps.
+
+JAX sums the cotangents of a layer applied k times (a detection head shared across pyramid levels); ``uses``
+counts k, so ``update`` divides by it: clips, deviations and activation maxima get mean semantics,
+``nonfinite`` any semantics. A layer not applied in a step (``uses == 0``) or whose gradient was not finite
+keeps its values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jint8 import quant
+
+STATE_COLLECTION = 'int8_state'
+# Default length of the activation max-abs history from which the delayed activation clip is taken.
+HISTORY = 16
+
+
+class QuantState(NamedTuple):
+  """A layer's quantization state; each field's cotangent is the value one application reports."""
+
+  grad_clip: jax.Array         # DSGC clip of the incoming gradient; 0: none yet, searched on the next step
+  grad_deviation: jax.Array    # cosine deviation of the last quantized gradient from the gradient
+  input_clip: jax.Array        # the activation clip of the last forward
+  input_amax: jax.Array        # [history] max|x| of the activations of the last steps, newest first
+  input_saturation: jax.Array  # max|x| / clip in the last forward: above 1, values beyond the clip saturated
+  nonfinite: jax.Array         # 1 when the last gradient held inf or nan
+  uses: jax.Array              # applications of the layer in the last step
+
+  @classmethod
+  def initial(cls, history: int = HISTORY) -> 'QuantState':
+    """The state before the first step: no clips yet, so the first step searches."""
+    zero = jnp.zeros((), jnp.float32)
+    return cls(zero, zero, zero, jnp.zeros((history,), jnp.float32), zero, zero, zero)
+
+  @classmethod
+  def cotangent(cls, *, grad_clip, grad_deviation, input_clip, input_amax, nonfinite, history: int
+                ) -> 'QuantState':
+    """What one application's backward pass returns: the values it used and measured (``uses`` 1)."""
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    amax = f32(input_amax)
+    return cls(f32(grad_clip), f32(grad_deviation), f32(input_clip),
+               jnp.zeros((history,), jnp.float32).at[0].set(amax), amax / quant.safe_clip(input_clip),
+               f32(nonfinite), jnp.ones((), jnp.float32))
+
+  def delayed_input_clip(self) -> jax.Array:
+    """The activation clip from the history: the largest max|x| of the last steps."""
+    return quant.safe_clip(jnp.max(self.input_amax))
+
+
+FIELDS = QuantState._fields
+
+
+def is_layer(node: Any) -> bool:
+  """True for the dict of one op module's state variables inside a state tree."""
+  return isinstance(node, Mapping) and set(node) == set(FIELDS)
+
+
+def _layers(tree: Any) -> list[QuantState]:
+  return [QuantState(**node) for node in jax.tree.leaves(tree, is_leaf=is_layer) if is_layer(node)]
+
+
+def _check(tree: Any, what: str) -> None:
+  for path, leaf in traverse_util.flatten_dict(dict(tree)).items() if tree else ():
+    if path[-1] not in FIELDS:
+      raise ValueError(f'{what}: {"/".join(path)} is not a field of an int8 layer state {list(FIELDS)}')
+
+
+def update_layer(old: QuantState, cot: QuantState) -> QuantState:
+  """One layer's state after a step, from the sum ``cot`` of its applications' cotangents."""
+  uses = cot.uses
+  nonfinite = (cot.nonfinite > 0) | ~jnp.all(jnp.asarray([jnp.all(jnp.isfinite(v)) for v in cot]))
+  write = (uses > 0) & ~nonfinite
+  n = jnp.maximum(uses, 1.0)
+  mean = lambda new, before: jnp.where(write, new / n, before)
+  history = jnp.concatenate([cot.input_amax[:1] / n, old.input_amax[:-1]])
+  return QuantState(grad_clip=mean(cot.grad_clip, old.grad_clip),
+                    grad_deviation=mean(cot.grad_deviation, old.grad_deviation),
+                    input_clip=mean(cot.input_clip, old.input_clip),
+                    input_amax=jnp.where(write, history, old.input_amax),
+                    input_saturation=mean(cot.input_saturation, old.input_saturation),
+                    nonfinite=nonfinite.astype(jnp.float32), uses=uses)
+
+
+def update(int8_state: Any, cotangents: Any) -> Any:
+  """The state tree after a step: each layer overwritten from its summed cotangents (``update_layer``).
+
+  ``cotangents`` is the gradient of the loss with respect to ``int8_state`` (what the int8 backward passes
+  returned), of the same structure.
+  """
+  _check(int8_state, STATE_COLLECTION)
+  _check(cotangents, f'{STATE_COLLECTION} cotangents')
+  if jax.tree.structure(int8_state) != jax.tree.structure(cotangents):
+    raise ValueError(f'{STATE_COLLECTION} and its cotangents differ in structure')
+  return jax.tree.map(lambda old, cot: update_layer(QuantState(**old), QuantState(**cot))._asdict(),
+                      int8_state, cotangents, is_leaf=is_layer)
+
+
+def search_due(int8_state: Any, step: jax.Array, period: int, *, dsgc: bool = True,
+               delayed_input_clip: bool = True) -> jax.Array:
+  """True when the next step must run the DSGC search code: every ``period`` steps from step 0, and whenever a
+  layer lacks a clip that the search provides (a gradient clip with ``dsgc``, an activation history with
+  ``delayed_input_clip``): before its first step, after a search that saw an all-zero gradient."""
+  _check(int8_state, STATE_COLLECTION)
+  due = jnp.asarray(step) % period == 0
+  for layer in _layers(int8_state):
+    if dsgc:
+      due |= layer.grad_clip <= 0
+    if delayed_input_clip:
+      due |= jnp.max(layer.input_amax) <= 0
+  return due
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics: what is logged per layer, and how a span of steps summarises it.
+
+# Logged per layer, and how the values of consecutive steps combine: the last value, the sum or the maximum.
+# (``grad_deviation`` is summed and divided by the steps when summarised: its mean.)
+LOGGED = {'grad_clip': 'last', 'grad_deviation': 'sum', 'input_clip': 'last', 'input_saturation': 'max',
+          'nonfinite': 'sum'}
+# Derived per-step values that summarise the span: the largest deviation, the steps with saturated activations.
+DERIVED = {'grad_deviation_max': 'max', 'saturated_steps': 'sum', 'weight_levels': 'last'}
+
+
+def layer_stats(int8_state: Any, params: Any = None) -> dict[str, dict[str, jax.Array]]:
+  """Per layer (keyed by its path), the ``LOGGED`` fields; with ``params``, also the ``weight_levels`` of each
+  layer's ``kernel``."""
+  stats = {}
+  for path, node in traverse_util.flatten_dict(dict(int8_state), is_leaf=lambda _, v: is_layer(v)).items():
+    stats['/'.join(path[:-1])] = {f: node[f] for f in LOGGED}
+  if params is not None:
+    kernels = {'/'.join(path[:-1]): value for path, value in traverse_util.flatten_dict(dict(params)).items()
+               if path[-1] == 'kernel'}
+    for name, layer in stats.items():
+      if name in kernels:
+        layer['weight_levels'] = weight_levels(kernels[name])
+  return stats
+
+
+def step_layer_record(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """One step's layer statistics as a record that ``combine_layer_records`` accumulates."""
+  return dict(stats, grad_deviation_max=stats['grad_deviation'],
+              saturated_steps=(stats['input_saturation'] > 1).astype(jnp.float32))
+
+
+def combine_layer_records(earlier: Mapping[str, jax.Array], later: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """The record of two consecutive spans of steps, field by field (``LOGGED``, ``DERIVED``)."""
+  how = {**LOGGED, **DERIVED}
+  combine = {'last': lambda x, y: y, 'sum': lambda x, y: x + y, 'max': jnp.maximum}
+  return {k: combine[how[k]](earlier[k], later[k]) for k in later}
+
+
+def summarize_layer_record(record: Mapping[str, Any], steps: int) -> dict[str, float | int]:
+  """A span's record as logged numbers: mean deviation, last clips, largest saturation, counts."""
+  out = {'grad_deviation': float(record['grad_deviation']) / steps, 'grad_clip': float(record['grad_clip']),
+         'input_clip': float(record['input_clip']), 'input_saturation': float(record['input_saturation']),
+         'saturated_steps': int(record['saturated_steps']), 'nonfinite': int(record['nonfinite'])}
+  if 'weight_levels' in record:
+    out['weight_levels'] = float(record['weight_levels'])
+  return out
+
+
+def weight_levels(kernel: jax.Array) -> jax.Array:
+  """The int8 levels that the output channel (last axis) of smallest max-abs keeps when the kernel is quantized
+  with one clip per tensor: ``127 * min_c max|w_c| / max|w|``. A few levels mean that channel is mostly rounding
+  (``Int8Config.depthwise_channel_clips`` gives depthwise convs a clip per channel)."""
+  per_channel = quant.max_abs(kernel, axis=-1)
+  return quant.QMAX * jnp.min(per_channel) / quant.safe_clip(jnp.max(per_channel))
