@@ -119,13 +119,17 @@ def compile_steps(model_name: str, modes: list[str], backend: str, period: int, 
 
 
 def measure(model_name: str, mode: str, compiled, args, batch: int, layers: int, steps: int, warmup: int,
-            profile_dir: pathlib.Path | None = None) -> dict:
+            profile_dir: pathlib.Path | None = None, hlo_dir: pathlib.Path | None = None) -> dict:
   memory = compiled.memory_analysis()
   peak = None
   if memory is not None:
     peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes)
-  kernels = hlo_kernels.kernels(compiled.as_text(), branch=0)  # int8: search_cond's step between searches
+  hlo = compiled.as_text()
+  kernels = hlo_kernels.kernels(hlo, branch=0)  # int8: search_cond's step between searches
+  if hlo_dir is not None:
+    hlo_dir.mkdir(parents=True, exist_ok=True)
+    (hlo_dir / f'{model_name}-{mode}.hlo.txt').write_text(hlo)
   state, (images, labels) = args[:5], args[5:]
   times = []
   for i in range(warmup + steps):
@@ -164,6 +168,7 @@ def main():
                       help='modes of one model compiled at once; more saves compile time but may slow the XLA '
                            'rows (bench/RESULTS.md: autotuning timed under concurrent compiles)')
   parser.add_argument('--profile', action='store_true', help='trace 5 steps per row: device time by kernel kind')
+  parser.add_argument('--dump_hlo', action='store_true', help='write each compiled step\'s optimized HLO to --out')
   parser.add_argument('--commit', default=None, help="the code's commit, recorded in the JSON (default: git's HEAD)")
   args = parser.parse_args()
   for name in args.models.split(','):
@@ -183,7 +188,8 @@ def main():
           raise built[mode]
         compiled, step_args, batch, layers, compile_s = built.pop(mode)
         row = measure(name, mode, compiled, step_args, batch, layers, args.steps, args.warmup,
-                      pathlib.Path(args.out) / 'traces' if args.profile else None)
+                      pathlib.Path(args.out) / 'traces' if args.profile else None,
+                      pathlib.Path(args.out) if args.dump_hlo else None)
         row['compile_s'] = compile_s
       except Exception as e:  # a failing configuration is reported in the table, the others still run
         row = {'model': name, 'mode': mode, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
