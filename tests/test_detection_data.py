@@ -371,6 +371,22 @@ def test_coco_map_is_one_for_ground_truth_and_lower_when_perturbed(bccd_builder,
     coco_eval.evaluate(gt, [dict(perfect[0], image_id=100_000)], voc.BCCD_CLASSES)
 
 
+def test_coco_map_on_other_category_ids(bccd_builder):
+  gt = _ground_truth(bccd_builder)
+  category_ids = (40, 7, 12)  # neither contiguous nor sorted
+  coco = coco_eval.coco_ground_truth(gt, voc.BCCD_CLASSES, category_ids)
+  assert {c['id']: c['name'] for c in coco.loadCats(coco.getCatIds())} == dict(zip(category_ids, voc.BCCD_CLASSES))
+  assert sorted({a['category_id'] for a in coco.dataset['annotations']}) == [7, 12, 40]
+  wbc = [g['labels'] == 1 for g in gt]
+  only_wbc = [{'image_id': g['image_id'], 'boxes': g['boxes'][w], 'labels': g['labels'][w], 'scores': np.ones(w.sum())}
+              for g, w in zip(gt, wbc)]
+  metrics = coco_eval.evaluate(gt, only_wbc, voc.BCCD_CLASSES, category_ids)
+  assert (metrics['AP/RBC'], metrics['AP/WBC'], metrics['AP/Platelets']) == (0.0, pytest.approx(1.0), 0.0)
+  assert metrics['mAP'] == pytest.approx(1 / 3)
+  with pytest.raises(ValueError, match='2 category ids for 3 classes'):
+    coco_eval.evaluate(gt, only_wbc, voc.BCCD_CLASSES, (1, 2))
+
+
 # ------------------------------------------------------------------------------------------- PNG
 
 
