@@ -2,6 +2,8 @@
 
   python train.py --config configs/detector.py                         # int8
   python train.py --config configs/detector.py --config.precision=fp32 # the float baseline
+  python train.py --config configs/detector.py --config.dataset.format=coco --config.dataset.path=DIR  # COCO data
+  python train.py --config configs/detector.py --config.dataset.path=DIR --config.dataset.class_names='()'  # VOC
 
 Trained from scratch on the 205 training images (BCCD has no pretrained backbone here), 512x384 input,
 horizontal and vertical flips, evaluated on the 87 validation images with COCO mAP@[.5:.95] and mAP@.5.
@@ -20,9 +22,18 @@ def get_config():
   config.model = 'resnet18'  # the backbone: a name in jint8.detection.trainer.BACKBONES
   config.model_kwargs.width = 1.0
 
-  config.dataset.name = 'bccd_voc'
+  # Detection data is a format and a path (jint8.detection.dataset) instead of classification's name and archive.
+  del config.dataset.name, config.dataset.archive
+  config.dataset.format = 'voc'  # 'voc': a PASCAL VOC root; 'coco': an annotation JSON per split and images
+  # A folder or a .tar.gz; a file name alone is also looked for in $JINT8_DATA_DIR and ../shared/data.
+  config.dataset.path = 'bccd-voc.tar.gz'
+  # VOC: the classes in label order; () takes the training split's names, sorted. (COCO: its categories, by id.)
+  config.dataset.class_names = ('RBC', 'WBC', 'Platelets')
+  config.dataset.annotations = 'annotations/instances_{split}.json'  # COCO: each split's annotation file under path
+  config.dataset.images = '{split}'  # COCO: each split's image folder under path, holding its file_names
+  config.dataset.empty_images = 'keep'  # images without boxes: 'keep' (as negatives) or 'skip'
   config.dataset.image_size = (384, 512)  # (height, width), a multiple of the largest pyramid stride
-  config.dataset.max_boxes = 40  # boxes per image after padding (BCCD has at most 30)
+  config.dataset.max_boxes = 40  # boxes per image after padding (BCCD has at most 30); 0: the data's most
   config.dataset.flips = ('horizontal', 'vertical')  # random flips in training (cells have no orientation)
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'val'

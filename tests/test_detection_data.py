@@ -1,8 +1,7 @@
-"""Tests of the detection data path and evaluation: VOC parsing on the real BCCD archive, the tfds builder,
+"""Tests of the detection data path and evaluation: VOC parsing and the prepared data of the real BCCD archive,
 box transforms, FCOS target assignment, losses, decoding / NMS, COCO mAP and the PNG of detections."""
 
 import collections
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,48 +9,60 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import detector
 from jint8.datasets import paths
-from jint8.detection import coco_eval, data, losses, postprocess, targets, transforms, visualize, voc
+from jint8.detection import (coco_eval, data, dataset, losses, postprocess, source, targets, transforms, visualize,
+                             voc)
+
+BCCD_CLASSES = detector.get_config().dataset.class_names
 
 
 @pytest.fixture(scope='module')
 def bccd_files():
-  return voc.read_voc_files(paths.find_archive(voc.ARCHIVE))
+  return source.Files(paths.find_archive('bccd-voc.tar.gz'))
+
+
+def _bccd(data_dir, eval_split='val'):
+  config = detector.get_config().dataset
+  config.data_dir, config.eval_split = str(data_dir), eval_split
+  return dataset.load(config)
 
 
 @pytest.fixture(scope='module')
-def bccd_builder(tmp_path_factory):
-  return voc.builder(data_dir=tmp_path_factory.mktemp('tfds'))
+def bccd_data(tmp_path_factory):
+  return _bccd(tmp_path_factory.mktemp('tfds'))
 
 
 # ---------------------------------------------------------------------------------------------------- VOC
 
 
 def test_parse_every_bccd_annotation(bccd_files):
-  annotations = {p: voc.parse_annotation(v, voc.BCCD_CLASSES) for p, v in bccd_files.items()
-                 if p.startswith('Annotations')}
+  annotations = {p: voc.parse_annotation(bccd_files.read(p), p) for p in bccd_files.names
+                 if p.startswith('BCCD/Annotations/')}
   assert len(annotations) == 364
-  counts = collections.Counter(int(l) for a in annotations.values() for l in a['labels'])
-  assert sum(counts.values()) == 4888
-  assert counts == {0: 4155, 1: 372, 2: 361}  # RBC, WBC, Platelets
+  counts = collections.Counter(n for a in annotations.values() for n in a['names'])
+  assert counts == {'RBC': 4155, 'WBC': 372, 'Platelets': 361}
   assert max(len(a['boxes']) for a in annotations.values()) == 30
-  first = annotations[os.path.join('Annotations', 'BloodImage_00000.xml')]
-  assert (first['width'], first['height'], first['filename']) == (640, 480, 'BloodImage_00000.jpg')
+  first = annotations['BCCD/Annotations/BloodImage_00000.xml']
+  assert (first['size'], first['filename']) == ((640, 480), 'BloodImage_00000.jpg')
   assert len(first['boxes']) == 20
   np.testing.assert_array_equal(first['boxes'][0], [260, 177, 491, 376])
-  assert first['labels'][0] == voc.BCCD_CLASSES.index('WBC')
-  for path in ('ImageSets/Main/train.txt', 'ImageSets/Main/val.txt', 'ImageSets/Main/test.txt'):
-    assert os.path.normpath(path) in bccd_files
+  assert first['names'][0] == 'WBC'
+  assert voc.find_root(bccd_files) == 'BCCD/'
+  for split in ('train', 'val', 'test', 'trainval'):
+    assert f'BCCD/ImageSets/Main/{split}.txt' in bccd_files
 
 
-def test_builder_splits_and_records(bccd_builder):
+def test_bccd_splits_and_records(bccd_data, tmp_path):
   sizes, boxes = {}, 0
   seen = set()
-  for split in ('train', 'val', 'test'):
-    source = bccd_builder.as_data_source(split)
-    sizes[split] = len(source)
-    for i in range(len(source)):
-      record = source[i]
+  with_test = _bccd(tmp_path, eval_split='test')
+  assert bccd_data.class_names == with_test.class_names == BCCD_CLASSES and bccd_data.category_ids == (1, 2, 3)
+  for data, split in ((bccd_data, 'train'), (bccd_data, 'val'), (with_test, 'test')):
+    records = data.split(split)
+    sizes[split] = len(records)
+    for i in range(len(records)):
+      record = records[i]
       boxes += len(record['boxes'])
       seen.add(int(record['image_id']))
       assert record['boxes'].dtype == np.float32 and record['labels'].shape == (len(record['boxes']),)
@@ -61,56 +72,10 @@ def test_builder_splits_and_records(bccd_builder):
   assert sizes == {'train': 205, 'val': 87, 'test': 72}
   assert seen == set(range(364))
   assert boxes == 4888 - 2  # BloodImage_00338 and _00343 each hold one zero-area box
-  assert source[0]['image'].shape == (480, 640, 3) and source[0]['image'].dtype == np.uint8
-
-
-def _write_voc(root, objects_per_image, splits):
-  for kind in ('Annotations', 'JPEGImages', 'ImageSets/Main'):
-    os.makedirs(root / kind, exist_ok=True)
-  rng = np.random.default_rng(0)
-  for name, objects in objects_per_image.items():
-    Image.fromarray(rng.integers(0, 255, (40, 60, 3), np.uint8)).save(root / 'JPEGImages' / f'{name}.jpg')
-    xml = ''.join(f'<object><name>{c}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>'
-                  f'<ymax>{b[3]}</ymax></bndbox></object>' for c, b in objects)
-    (root / 'Annotations' / f'{name}.xml').write_text(
-        f'<annotation><filename>{name}.jpg</filename><size><width>60</width><height>40</height><depth>3'
-        f'</depth></size>{xml}</annotation>')
-  for split, names in splits.items():
-    (root / 'ImageSets' / 'Main' / f'{split}.txt').write_text('\n'.join(names) + '\n')
-
-
-def test_builder_reads_an_extracted_folder(tmp_path):
-  root = tmp_path / 'voc' / 'BCCD'
-  _write_voc(root, {'a': [('WBC', (1, 2, 30, 20)), ('RBC', (0, 0, 70, 10))], 'b': [('Platelets', (5, 5, 9, 9))],
-                    'c': []}, {'train': ['a', 'c'], 'val': ['b'], 'test': ['b']})
-  builder = voc.builder(data_dir=tmp_path / 'tfds', archive=tmp_path / 'voc')
-  train = {r['name']: r for r in (builder.as_data_source('train')[i] for i in range(2))}
-  np.testing.assert_array_equal(train[b'a']['boxes'], [[1, 2, 30, 20], [0, 0, 60, 10]])  # clipped to the image
-  np.testing.assert_array_equal(train[b'a']['labels'], [1, 0])
-  assert train[b'c']['boxes'].shape == (0, 4)
-  assert builder.as_data_source('val')[0]['labels'].tolist() == [2]
-
-
-def test_voc_errors_name_the_problem(tmp_path):
-  with pytest.raises(ValueError, match=r"class 'Dog'"):
-    voc.parse_annotation('<annotation><filename>x.jpg</filename><object><name>Dog</name></object></annotation>',
-                         voc.BCCD_CLASSES)
-  with pytest.raises(ValueError, match='no <bndbox/xmin>'):
-    voc.parse_annotation('<annotation><filename>x.jpg</filename><object><name>RBC</name></object></annotation>',
-                         voc.BCCD_CLASSES)
-  with pytest.raises(ValueError, match='malformed'):
-    voc.parse_annotation('<annotation>', voc.BCCD_CLASSES)
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    voc.read_voc_files(tmp_path / 'missing.tar.gz')
-  (tmp_path / 'broken.tar.gz').write_bytes(b'not a tar file')
-  with pytest.raises(ValueError, match='cannot read the archive'):
-    voc.read_voc_files(tmp_path / 'broken.tar.gz')
-  _write_voc(tmp_path / 'voc', {'a': []}, {'train': ['a'], 'val': []})
-  files = voc.read_voc_files(tmp_path / 'voc')
-  with pytest.raises(ValueError, match="no split 'test'"):
-    voc.split_ids(files, 'test')
-  with pytest.raises(ValueError, match="'val' .* lists no images"):
-    voc.split_ids(files, 'val')
+  assert record['image'].shape == (480, 640, 3) and record['image'].dtype == np.uint8
+  assert bccd_data.reports == {'train': 'train: 205 images, 2804 boxes; zero-area boxes dropped: 1',
+                               'val': 'val: 87 images, 1137 boxes; zero-area boxes dropped: 1'}
+  assert bccd_data.max_boxes == 30
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -162,9 +127,9 @@ def test_pad_boxes():
     transforms.pad_boxes(np.zeros((2, 4)), np.zeros(2), 1)
 
 
-def test_train_and_eval_batches(bccd_builder):
+def test_train_and_eval_batches(bccd_data):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  split, ground_truth = data.create_split(bccd_builder.as_data_source('val'), (96, 128), 32, sharding,
+  split, ground_truth = data.create_split(bccd_data.split('val'), (96, 128), 32, sharding,
                                           max_examples=10)
   assert split.images.shape == (10, 96, 128, 3) and split.image_size == (96, 128)
   assert len(ground_truth) == 10
@@ -348,27 +313,43 @@ def test_nms_and_select():
 # ------------------------------------------------------------------------------------------- COCO mAP
 
 
-def _ground_truth(builder):
-  source = builder.as_data_source('val')
+def _ground_truth(bccd_data):
+  records = bccd_data.split('val')
   return [{'image_id': int(r['image_id']), 'width': 640, 'height': 480, 'boxes': r['boxes'],
-           'labels': r['labels']} for r in (source[i] for i in range(len(source)))]
+           'labels': r['labels']} for r in (records[i] for i in range(len(records)))]
 
 
-def test_coco_map_is_one_for_ground_truth_and_lower_when_perturbed(bccd_builder, rng):
-  gt = _ground_truth(bccd_builder)
+def test_coco_map_is_one_for_ground_truth_and_lower_when_perturbed(bccd_data, rng):
+  gt = _ground_truth(bccd_data)
   perfect = [{'image_id': g['image_id'], 'boxes': g['boxes'], 'scores': np.ones(len(g['boxes'])),
               'labels': g['labels']} for g in gt]
-  metrics = coco_eval.evaluate(gt, perfect, voc.BCCD_CLASSES)
+  metrics = coco_eval.evaluate(gt, perfect, BCCD_CLASSES)
   for name in ('mAP', 'mAP50', 'mAP75', 'AP/RBC', 'AP/WBC', 'AP/Platelets'):
     assert metrics[name] == pytest.approx(1.0), name
   shifted = [dict(d, boxes=d['boxes'] + rng.uniform(-8, 8, d['boxes'].shape)) for d in perfect]
-  noisy = coco_eval.evaluate(gt, shifted, voc.BCCD_CLASSES)
+  noisy = coco_eval.evaluate(gt, shifted, BCCD_CLASSES)
   assert 0.2 < noisy['mAP'] < 0.95 and noisy['mAP50'] > noisy['mAP']
   halved = [dict(d, boxes=d['boxes'][::2], scores=d['scores'][::2], labels=d['labels'][::2]) for d in perfect]
-  assert 0.3 < coco_eval.evaluate(gt, halved, voc.BCCD_CLASSES)['mAP'] < 0.7
-  assert coco_eval.evaluate(gt, [], voc.BCCD_CLASSES)['mAP'] == 0.0
+  assert 0.3 < coco_eval.evaluate(gt, halved, BCCD_CLASSES)['mAP'] < 0.7
+  assert coco_eval.evaluate(gt, [], BCCD_CLASSES)['mAP'] == 0.0
   with pytest.raises(ValueError, match='no ground-truth entry'):
-    coco_eval.evaluate(gt, [dict(perfect[0], image_id=100_000)], voc.BCCD_CLASSES)
+    coco_eval.evaluate(gt, [dict(perfect[0], image_id=100_000)], BCCD_CLASSES)
+
+
+def test_coco_map_on_other_category_ids(bccd_data):
+  gt = _ground_truth(bccd_data)
+  category_ids = (40, 7, 12)  # neither contiguous nor sorted
+  coco = coco_eval.coco_ground_truth(gt, BCCD_CLASSES, category_ids)
+  assert {c['id']: c['name'] for c in coco.loadCats(coco.getCatIds())} == dict(zip(category_ids, BCCD_CLASSES))
+  assert sorted({a['category_id'] for a in coco.dataset['annotations']}) == [7, 12, 40]
+  wbc = [g['labels'] == 1 for g in gt]
+  only_wbc = [{'image_id': g['image_id'], 'boxes': g['boxes'][w], 'labels': g['labels'][w], 'scores': np.ones(w.sum())}
+              for g, w in zip(gt, wbc)]
+  metrics = coco_eval.evaluate(gt, only_wbc, BCCD_CLASSES, category_ids)
+  assert (metrics['AP/RBC'], metrics['AP/WBC'], metrics['AP/Platelets']) == (0.0, pytest.approx(1.0), 0.0)
+  assert metrics['mAP'] == pytest.approx(1 / 3)
+  with pytest.raises(ValueError, match='2 category ids for 3 classes'):
+    coco_eval.evaluate(gt, only_wbc, BCCD_CLASSES, (1, 2))
 
 
 # ------------------------------------------------------------------------------------------- PNG
@@ -379,8 +360,8 @@ def test_draw_detections_writes_a_png(tmp_path, rng):
   dets = [{'boxes': np.array([[4, 4, 30, 40]]), 'scores': np.array([0.9]), 'labels': np.array([1])}] * 4
   gts = [{'boxes': np.array([[5, 5, 31, 41]]), 'labels': np.array([1])}] * 4
   path = tmp_path / 'detections.png'
-  visualize.draw_detections(path, images, dets, voc.BCCD_CLASSES, gts, columns=2, title='val')
+  visualize.draw_detections(path, images, dets, BCCD_CLASSES, gts, columns=2, title='val')
   with Image.open(path) as png:
     assert png.format == 'PNG' and png.size == (1000, 800)
   with pytest.raises(ValueError, match='one entry per image'):
-    visualize.draw_detections(path, images, dets[:2], voc.BCCD_CLASSES)
+    visualize.draw_detections(path, images, dets[:2], BCCD_CLASSES)

@@ -17,7 +17,7 @@ from PIL import Image
 from configs import detector
 from jint8 import metrics, optim, sharding
 from jint8 import state as quant_state
-from jint8.detection import data, fcos, losses, targets, trainer, voc
+from jint8.detection import data, dataset, fcos, losses, targets, trainer
 from jint8.detection.trainer import model_strides
 from jint8.models import ResNetBackbone
 from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, Int8Config, Int8Model, Int8Policy
@@ -53,6 +53,16 @@ def test_output_layout():
   assert _tiny_fcos(extra_levels=2).strides == (8, 16, 32, 64, 128)
   with pytest.raises(ValueError, match='RGB images'):
     jax.eval_shape(lambda x: _tiny_fcos().init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 64, 64), jnp.uint8))
+
+
+def test_the_head_has_a_logit_per_class_of_the_data():
+  config = detector.get_config()
+  config.model_kwargs.width, config.fcos.features, config.fcos.groups = 0.125, 8, 4
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
+  for num_classes in (1, 7):
+    model = trainer.create_model(config, num_classes)
+    out = jax.eval_shape(lambda x, m=model: m.init_with_output(jax.random.key(0), x)[0], images)
+    assert out['logits'].shape[-1] == num_classes
 
 
 # Fewer DSGC candidates than the default: the same semantics, a smaller graph to compile on a CPU.
@@ -111,8 +121,9 @@ def test_shared_head_state_has_one_use_per_level_and_the_mean_clip(fast_compiles
 
 
 def test_int8_loss_falls_on_real_images(tmp_path_factory, fast_compiles):
-  builder = voc.builder(data_dir=tmp_path_factory.getbasetemp() / 'tfds')
-  split = data.read_split(builder.as_data_source('train'), (96, 128), 32, max_examples=4)
+  config = detector.get_config().dataset
+  config.data_dir = str(tmp_path_factory.getbasetemp() / 'tfds')
+  split = data.read_split(dataset.load(config).split('train'), (96, 128), 32, max_examples=4)
   model = _tiny_fcos()
   loc = targets.Locations((96, 128), model.strides, (12, 24), center_radius=1.5)
   # The FPN stays float here only to keep the compile short on a CPU.

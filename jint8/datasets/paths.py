@@ -28,13 +28,15 @@ def candidate_dirs(path: str | os.PathLike | None = None) -> list[pathlib.Path]:
   return list(dict.fromkeys(d.resolve() for d in dirs))
 
 
-def find_archive(filename: str, path: str | os.PathLike | None = None) -> pathlib.Path:
+def find_archive(filename: str, path: str | os.PathLike | None = None, *,
+                 key: str = 'config.dataset.archive') -> pathlib.Path:
   """Returns the path of the archive ``filename``.
 
   Args:
     filename: the archive's file name, e.g. ``'cifar10-jpg.tar.gz'``.
     path: the archive itself or the folder holding it (the config value); ``None`` or ``''`` searches
       ``$JINT8_DATA_DIR``, then ``shared/data`` folders.
+    key: the config key that names the archive, for the error message.
 
   Raises:
     FileNotFoundError: naming every path tried and how to point at the archive.
@@ -48,4 +50,4 @@ def find_archive(filename: str, path: str | os.PathLike | None = None) -> pathli
   raise FileNotFoundError(
       f'data archive {filename!r} not found; tried: {", ".join(map(str, tried))}. Put it in one of these '
       f'places, set the {ENV_VAR} environment variable to the folder holding it, or pass its path in the '
-      'config (config.dataset.archive).')
+      f'config ({key}).')

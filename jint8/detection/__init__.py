@@ -1,6 +1,7 @@
-"""Object detection with int8 training: FCOS on BCCD (PASCAL VOC layout), scored with COCO mAP.
+"""Object detection with int8 training: FCOS on PASCAL VOC or COCO-format data (BCCD by default), COCO mAP.
 
-``voc`` builds the dataset, ``data`` and ``transforms`` feed it, ``fcos`` is the model, ``targets`` and
+``dataset`` prepares the data that ``source`` (a folder or an archive) holds, read by ``voc`` or ``coco`` into
+``annotations``, which checks it; ``data`` and ``transforms`` feed it, ``fcos`` is the model, ``targets`` and
 ``losses`` train it, ``postprocess`` and ``coco_eval`` evaluate it, ``visualize`` draws detections and
 ``trainer`` runs it all (``config.task == "detection"`` in ``train.py``).
 """

@@ -1,10 +1,10 @@
 """Detection input: each split resized once into device memory, batches gathered and flipped on the device.
 
-Like ``jint8.input_pipeline`` for classification: the host decodes and resizes every image once (BCCD is
-364 images), pads its boxes to ``max_boxes`` rows and places the arrays on the devices; each training step
-gathers its batch from an epoch permutation and flips it inside the compiled step. A batch is a function of
-(seed, epoch, index in the epoch), so a resumed run sees the same batches. The original-resolution ground
-truth stays on the host, for the COCO evaluation.
+Like ``jint8.input_pipeline`` for classification: the host decodes and resizes every image once, pads its boxes
+to ``max_boxes`` rows and places the arrays on the devices; each training step gathers its batch from an epoch
+permutation and flips it inside the compiled step. A batch is a function of (seed, epoch, index in the epoch),
+so a resumed run sees the same batches. The original-resolution ground truth stays on the host, for the COCO
+evaluation.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Split:
 
 def read_split(data_source: Any, image_size: tuple[int, int], max_boxes: int, *,
                max_examples: int = 0, num_threads: int = 8) -> dict[str, Any]:
-  """Reads, resizes and pads the first ``max_examples`` (0: all) records of a ``voc.BccdVoc`` data source.
+  """Reads, resizes and pads the first ``max_examples`` (0: all) records of a split of ``dataset.Data``.
 
   Returns:
     numpy ``images``, ``boxes``, ``labels``, ``valid`` as in ``Split`` and the list ``ground_truth``.

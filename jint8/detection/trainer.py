@@ -1,4 +1,4 @@
-"""Object-detection training and evaluation (``config.task == "detection"``): FCOS on BCCD.
+"""Object-detection training and evaluation (``config.task == "detection"``): FCOS on VOC or COCO data.
 
 ``train_and_evaluate(config, workdir)`` works like ``jint8.trainer``'s (same ``TrainState``, precision,
 optimizer, sharding, checkpointing, metrics and progress modules): the splits live in device memory
@@ -21,7 +21,7 @@ import optax
 from flax import linen as nn
 
 from jint8 import metrics, models, optimizers, precision, progress, sharding
-from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
+from jint8.detection import coco_eval, data, dataset, fcos, losses, postprocess, targets, transforms, visualize
 from jint8.input_pipeline import epoch_order
 from jint8.nn import ROUNDING_RNG
 from jint8.trainer import (TrainState, augment_key, bind_train_step, format_record, gradient_step,
@@ -35,8 +35,6 @@ def validate_config(config: Any) -> None:
   """Raises a ValueError naming the first config key whose value is invalid."""
   if config.task != 'detection':
     raise ValueError(f"config.task: jint8.detection.trainer trains 'detection', got {config.task!r}")
-  if config.dataset.name != 'bccd_voc':
-    raise ValueError(f"config.dataset.name: detection reads 'bccd_voc', got {config.dataset.name!r}")
   if config.model not in BACKBONES:
     raise ValueError(f'config.model: unknown backbone {config.model!r}; valid: {", ".join(BACKBONES)}')
   precision.check_precision(config)
@@ -52,12 +50,8 @@ def validate_config(config: Any) -> None:
   unknown = set(config.dataset.flips) - set(transforms.FLIP_AXES)
   if unknown:
     raise ValueError(f'config.dataset.flips: unknown {sorted(unknown)}; valid: {transforms.FLIP_AXES}')
-  if config.dataset.train_split not in voc.BccdVoc.SPLITS or config.dataset.eval_split not in voc.BccdVoc.SPLITS:
-    raise ValueError(f'config.dataset.train_split / eval_split must be in {voc.BccdVoc.SPLITS}, got '
-                     f'{config.dataset.train_split!r} / {config.dataset.eval_split!r}')
-  if config.dataset.max_boxes < 1:
-    raise ValueError(f'config.dataset.max_boxes must be >= 1, got {config.dataset.max_boxes}')
-  for key in ('max_train_examples', 'max_test_examples'):
+  dataset.validate_config(config.dataset)
+  for key in ('max_boxes', 'max_train_examples', 'max_test_examples'):
     if config.dataset[key] < 0:
       raise ValueError(f'config.dataset.{key} must be >= 0 (0: all), got {config.dataset[key]}')
   largest_stride = 2 ** (5 + config.fcos.extra_levels)
@@ -73,15 +67,16 @@ def validate_config(config: Any) -> None:
                      f'0 < nms_iou <= 1, got {e.top_k}, {e.max_detections}, {e.score_threshold}, {e.nms_iou}')
 
 
-def create_model(config: Any) -> fcos.FCOS:
-  """FCOS with the ResNet backbone ``config.model`` in the compute dtype of ``config.precision``."""
+def create_model(config: Any, num_classes: int) -> fcos.FCOS:
+  """FCOS for ``num_classes`` classes with the ResNet backbone ``config.model`` in the compute dtype of
+  ``config.precision``."""
   dtype = precision.compute_dtype(config)
   try:
     backbone = models.ResNetBackbone(depth=BACKBONES[config.model], dtype=dtype, **config.model_kwargs)
   except TypeError as e:
     raise ValueError(f'config.model_kwargs: {e}') from None
   f = config.fcos
-  return fcos.FCOS(backbone, num_classes=len(voc.BCCD_CLASSES), features=f.features, head_convs=f.head_convs,
+  return fcos.FCOS(backbone, num_classes=num_classes, features=f.features, head_convs=f.head_convs,
                    extra_levels=f.extra_levels, groups=f.groups, dtype=dtype)
 
 
@@ -121,9 +116,9 @@ class _Loop:
   """The compiled steps of one run, and evaluation (decoding, NMS, COCO mAP) around them."""
 
   def __init__(self, config: Any, model: nn.Module, tx: optax.GradientTransformation, train: data.Split,
-               evaluation: data.Split, ground_truth: list[dict], mesh: jax.sharding.Mesh):
+               evaluation: data.Split, ground_truth: list[dict], source: dataset.Data, mesh: jax.sharding.Mesh):
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    self.config = config
+    self.config, self.source = config, source
     self.train, self.evaluation, self.ground_truth = train, evaluation, ground_truth
     self.locations = targets.Locations(train.image_size, model_strides(model), config.fcos.size_boundaries,
                                        config.fcos.center_radius)
@@ -162,7 +157,8 @@ class _Loop:
       scale = np.array([gt['width'] / width, gt['height'] / height] * 2, np.float32)
       boxes = np.clip(det['boxes'] * scale, 0, [gt['width'], gt['height']] * 2)
       rescaled.append({**det, 'boxes': boxes, 'image_id': gt['image_id']})
-    return coco_eval.evaluate(self.ground_truth, rescaled, voc.BCCD_CLASSES), detections
+    return (coco_eval.evaluate(self.ground_truth, rescaled, self.source.class_names, self.source.category_ids),
+            detections)
 
   def draw(self, path: pathlib.Path, detections: list[dict[str, np.ndarray]], title: str) -> None:
     """PNG of the first ``config.num_visualize`` evaluation images with their confident detections."""
@@ -173,7 +169,7 @@ class _Loop:
     confident = [{k: v[d['scores'] >= self.config.eval.draw_threshold] for k, v in d.items()}
                  for d in detections[:n]]
     truth = [{'boxes': b[v], 'labels': l[v]} for b, l, v in zip(boxes, labels, valid)]
-    visualize.draw_detections(path, images, confident, voc.BCCD_CLASSES, truth, title=title)
+    visualize.draw_detections(path, images, confident, self.source.class_names, truth, title=title)
 
 
 def model_strides(model: nn.Module) -> tuple[int, ...]:
@@ -201,11 +197,14 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
   with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
 
     d = config.dataset
-    builder = voc.builder(data_dir=d.data_dir or None, archive=d.archive or None)
-    image_size = tuple(d.image_size)
-    train, _ = data.create_split(builder.as_data_source(d.train_split), image_size, d.max_boxes,
-                                 sharding.replicated(mesh), max_examples=d.max_train_examples)
-    evaluation, ground_truth = data.create_split(builder.as_data_source(d.eval_split), image_size, d.max_boxes,
+    source = dataset.load(d)
+    if d.max_boxes and d.max_boxes < source.max_boxes:
+      raise ValueError(f'config.dataset.max_boxes: {d.max_boxes} is fewer than the {source.max_boxes} boxes of the '
+                       'fullest image (0: as many as the data needs)')
+    image_size, max_boxes = tuple(d.image_size), d.max_boxes or source.max_boxes
+    train, _ = data.create_split(source.split(d.train_split), image_size, max_boxes, sharding.replicated(mesh),
+                                 max_examples=d.max_train_examples)
+    evaluation, ground_truth = data.create_split(source.split(d.eval_split), image_size, max_boxes,
                                                  sharding.replicated(mesh), max_examples=d.max_test_examples)
     steps_per_epoch, num_steps = run_length(config, train.num_examples)
     schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
@@ -214,13 +213,14 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.
     if config.grad_clip_norm:
       inner = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), inner)
     tx = precision.wrap_optimizer(inner, config)
-    model = precision.apply_precision(model or create_model(config), config)
-    loop = _Loop(config, model, tx, train, evaluation, ground_truth, mesh)
+    model = precision.apply_precision(model or create_model(config, len(source.class_names)), config)
+    loop = _Loop(config, model, tx, train, evaluation, ground_truth, source, mesh)
 
     init_args = (model, tx, (*image_size, 3), config.seed, sharding.replicated(mesh))
     checkpointer, state, epoch, index, layer_order = restore_or_initialize(workdir, config, init_args, is_main)
     step = int(state.step)
     if is_main:
+      print('\n'.join(f'{d.path} {line}' for line in source.reports.values()), flush=True)
       print(f'{jax.device_count()} devices, {train.num_examples} training / {evaluation.num_examples} '
             f'{d.eval_split} images at {image_size}, {len(loop.locations)} locations, {steps_per_epoch} steps '
             f'per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)

@@ -1,185 +1,138 @@
-"""PASCAL VOC-layout detection data (BCCD) as a TensorFlow Datasets builder that needs no TensorFlow.
+"""PASCAL VOC-layout detection annotations, read from a folder or a .tar.gz holding one VOC root.
 
-The source is the ``bccd-voc.tar.gz`` archive (found as ``jint8.datasets.paths`` finds archives) or an extracted
-folder holding one VOC root: a directory with ``Annotations/<id>.xml``, ``JPEGImages/<id>.jpg`` and
-``ImageSets/Main/<split>.txt``. The builder writes ``array_record`` files; read them with
-``builder.as_data_source(split)``.
-
-Boxes are stored in pixels as ``(xmin, ymin, xmax, ymax)``, clipped to the image; boxes of zero area
-(two in BCCD) are dropped. Labels index ``class_names``.
+A VOC root is a folder with ``Annotations/<id>.xml``, the images in ``JPEGImages/`` (the file the XML's
+``<filename>`` names, else the one file named ``<id>.<extension>``) and ``ImageSets/Main/<split>.txt`` listing a
+split's ids. The classes are the ones given, in that order, or else the sorted names of the training split's
+objects; category id ``label + 1`` reports them in evaluation, and image id ``i`` the ``i``-th annotation file in
+sorted order. Every object counts, ``<difficult>`` ones too.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import tarfile
+import collections
+import posixpath
 import xml.etree.ElementTree as ET
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jint8.datasets import paths
+from jint8.detection import annotations, source
 
-ARCHIVE = 'bccd-voc.tar.gz'
-BCCD_CLASSES = ('RBC', 'WBC', 'Platelets')
-_KINDS = ('Annotations', 'JPEGImages', os.path.join('ImageSets', 'Main'))
+KINDS = ('Annotations', 'JPEGImages', 'ImageSets/Main')
+_COORDINATES = ('xmin', 'ymin', 'xmax', 'ymax')
 
 
-def parse_annotation(xml: bytes | str, class_names: Sequence[str]) -> dict[str, np.ndarray | int | str]:
-  """Parses one VOC annotation file.
+def find_root(files: source.Files) -> str:
+  """The VOC root's path under the source root, '' or ending in '/'."""
+  roots = set()
+  for name in files.names:
+    parent = posixpath.dirname(name)
+    for kind in KINDS:
+      if parent == kind or parent.endswith('/' + kind):
+        roots.add(parent[:len(parent) - len(kind)])
+  if len(roots) != 1:
+    raise ValueError(f'{files.path} must hold exactly one VOC root (Annotations/, JPEGImages/, ImageSets/Main/), '
+                     f'found {sorted(roots) or "none"}')
+  return roots.pop()
+
+
+def parse_annotation(xml: bytes | str, origin: str) -> dict:
+  """One VOC annotation file, ``origin`` naming it in errors.
 
   Returns:
-    ``{"filename", "width", "height", "boxes": float32 (n, 4) xmin/ymin/xmax/ymax as written,
-    "labels": int64 (n,) indices into class_names}``.
+    ``{"filename": str or None, "size": (width, height) or None, "names": [str] (n,), "boxes": float32 (n, 4)
+    xmin, ymin, xmax, ymax as written}``.
   """
   try:
     root = ET.fromstring(xml)
   except ET.ParseError as e:
-    raise ValueError(f'malformed VOC annotation XML: {e}') from None
+    raise ValueError(f'{origin}: malformed VOC annotation XML: {e}') from None
 
-  def text(node, path):
-    found = node.find(path)
-    if found is None or found.text is None:
-      raise ValueError(f'VOC annotation {root.findtext("filename")!r} has no <{path}>')
-    return found.text.strip()
-
-  boxes, labels = [], []
-  for obj in root.iter('object'):
-    name = text(obj, 'name')
-    if name not in class_names:
-      raise ValueError(f'VOC annotation {text(root, "filename")!r}: class {name!r} is not one of '
-                       f'{tuple(class_names)}')
-    labels.append(class_names.index(name))
-    boxes.append([float(text(obj, f'bndbox/{k}')) for k in ('xmin', 'ymin', 'xmax', 'ymax')])
-  return {
-      'filename': text(root, 'filename'),
-      'width': int(text(root, 'size/width')),
-      'height': int(text(root, 'size/height')),
-      'boxes': np.asarray(boxes, np.float32).reshape(-1, 4),
-      'labels': np.asarray(labels, np.int64),
-  }
-
-
-def read_voc_files(source: str | os.PathLike) -> dict[str, bytes]:
-  """Reads the annotations, images and split lists of one VOC root from an archive or a folder.
-
-  Returns:
-    The file contents keyed by their path under the VOC root, e.g. ``"Annotations/x.xml"``.
-  """
-  source = os.fspath(source)
-  if not os.path.exists(source):
-    raise FileNotFoundError(f'VOC source {source!r} does not exist (a .tar.gz archive or a folder)')
-  files, roots = {}, set()
-
-  def add(path, read):
-    parent, name = os.path.split(os.path.normpath(path))
-    for kind in _KINDS:
-      if parent == kind or parent.endswith(os.sep + kind):
-        roots.add(parent[:len(parent) - len(kind)])
-        files[os.path.join(kind, name)] = read()
-
-  if os.path.isdir(source):
-    for folder, _, names in os.walk(source):
-      for name in names:
-        path = os.path.join(folder, name)
-        add(os.path.relpath(path, source), pathlib.Path(path).read_bytes)
-  else:
+  def number(node, path, where):
+    text = node.findtext(path)
+    if text is None or not text.strip():
+      raise ValueError(f'{origin}: {where} has no <{path}>')
     try:
-      with tarfile.open(source) as archive:
-        for member in archive:
-          if member.isfile():
-            add(member.name, lambda m=member: archive.extractfile(m).read())
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-      raise ValueError(f'cannot read the archive {source!r}: {e!r}; the file is damaged or not a .tar.gz') from e
-  if len(roots) != 1:
-    raise ValueError(f'{source!r} must hold exactly one VOC root (Annotations/, JPEGImages/, ImageSets/Main/), '
-                     f'found {sorted(roots) or "none"}')
-  return files
+      return float(text)
+    except ValueError:
+      raise ValueError(f'{origin}: {where} has <{path}>{text.strip()}</{path}>, not a number') from None
+
+  names, boxes = [], []
+  for i, obj in enumerate(root.iter('object')):
+    name = (obj.findtext('name') or '').strip()
+    if not name:
+      raise ValueError(f'{origin}: object {i} has no <name>')
+    names.append(name)
+    boxes.append([number(obj, f'bndbox/{k}', f'object {i} ({name})') for k in _COORDINATES])
+  size = None
+  if root.find('size') is not None:
+    width, height = (int(number(root, f'size/{k}', 'the annotation')) for k in ('width', 'height'))
+    size = (width, height) if width > 0 and height > 0 else None  # some tools write 0 for unknown
+  filename = (root.findtext('filename') or '').strip() or None
+  return {'filename': filename, 'size': size, 'names': names, 'boxes': np.asarray(boxes, np.float32).reshape(-1, 4)}
 
 
-def split_ids(files: Mapping[str, bytes], split: str) -> list[str]:
-  """The image ids listed in ``ImageSets/Main/<split>.txt``."""
-  path = os.path.join('ImageSets', 'Main', f'{split}.txt')
+def split_ids(files: source.Files, root: str, split: str) -> list[str]:
+  """The image ids that ``ImageSets/Main/<split>.txt`` lists (the first word of each line)."""
+  path = f'{root}ImageSets/Main/{split}.txt'
   if path not in files:
-    raise ValueError(f'the VOC source has no split {split!r} ({path} is missing)')
-  ids = files[path].decode().split()
+    raise ValueError(f'{files.path} has no VOC split {split!r} ({path} is missing)')
+  ids = [line.split()[0] for line in files.read(path).decode().splitlines() if line.strip()]
   if not ids:
-    raise ValueError(f'the VOC split {split!r} ({path}) lists no images')
+    raise ValueError(f'{files.path}: the VOC split {split!r} ({path}) lists no images')
+  repeated = [i for i, n in collections.Counter(ids).items() if n > 1]
+  if repeated:
+    raise ValueError(f'{files.path}: {path} lists {annotations.some(repeated)} more than once')
+  missing = [i for i in ids if f'{root}Annotations/{i}.xml' not in files]
+  if missing:
+    raise ValueError(f'{files.path}: {path} names {len(missing)} ids without an annotation file '
+                     f'{root}Annotations/<id>.xml: {annotations.some(missing)}')
   return ids
 
 
-class BccdVoc(tfds.core.GeneratorBasedBuilder):
-  """BCCD blood-cell detection (364 images 640x480; RBC, WBC, Platelets): features ``image`` (JPEG),
-  ``image_id``, ``name``, ``boxes`` (n, 4) and ``labels`` (n,); splits train / val / test."""
+def read(files: source.Files, splits: Sequence[str], class_names: Sequence[str] = ()) -> annotations.Annotations:
+  """The annotations of ``splits`` (the first is the training split, whose objects name the classes when
+  ``class_names`` is empty). Raises a ValueError naming the file of any unknown class or missing image."""
+  root = find_root(files)
+  ids = {split: split_ids(files, root, split) for split in splits}
+  prefix = f'{root}Annotations/'
+  all_ids = sorted(posixpath.splitext(n[len(prefix):])[0] for n in files.names
+                   if n.startswith(prefix) and n.endswith('.xml'))
+  image_ids = {name: i for i, name in enumerate(all_ids)}
+  images = {}
+  for name in dict.fromkeys(n for listed in ids.values() for n in listed):
+    origin = f'{prefix}{name}.xml'
+    images[name] = parse_annotation(files.read(origin), origin) | {'origin': origin}
+  if not class_names:
+    class_names = sorted({n for name in ids[splits[0]] for n in images[name]['names']})
+    if not class_names:
+      raise ValueError(f'{files.path}: the training split {splits[0]!r} has no objects to take the class names '
+                       'from; name them in config.dataset.class_names')
+    known = f'the classes of the training split {splits[0]!r}'
+  else:
+    known = "config.dataset.class_names; '()' takes the training split's classes"
+  labels = {c: i for i, c in enumerate(class_names)}
+  by_stem = collections.defaultdict(list)
+  for n in files.names:
+    if n.startswith(f'{root}JPEGImages/'):
+      by_stem[posixpath.splitext(posixpath.basename(n))[0]].append(n)
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'BCCD in VOC layout; zero-area boxes dropped.'}
-  CLASS_NAMES = BCCD_CLASSES
-  SPLITS = ('train', 'val', 'test')
-  # A local source has no download URLs to checksum. Saying so also skips tfds' lookup of the builder's
-  # source folder, which needs the `importlib_resources` backport that tfds does not install.
-  url_infos = None
+  def image(name):
+    ann = images[name]
+    unknown = [c for c in ann['names'] if c not in labels]
+    if unknown:
+      raise ValueError(f'{ann["origin"]}: class {unknown[0]!r} is not one of {tuple(class_names)} ({known})')
+    path = f'{root}JPEGImages/{ann["filename"]}'
+    if not ann['filename'] or path not in files:
+      if len(by_stem[name]) != 1:
+        raise ValueError(f'{ann["origin"]}: no image file for {name!r}: expected {root}JPEGImages/'
+                         f'{ann["filename"] or name + ".jpg"}, found {by_stem[name] or "none"} named {name}.*')
+      path = by_stem[name][0]
+    return annotations.Image(name=name, image_id=image_ids[name], path=path, size=ann['size'], boxes=ann['boxes'],
+                             labels=np.asarray([labels[c] for c in ann['names']], np.int64), origin=ann['origin'])
 
-  def __init__(self, *, archive: str | os.PathLike | None = None, **kwargs):
-    """``archive``: ``bccd-voc.tar.gz``, the folder holding it, or an extracted VOC folder; ``None`` searches
-    as ``jint8.datasets.paths.find_archive`` does. Only read when the dataset is not prepared yet."""
-    self._archive = archive
-    super().__init__(**kwargs)
+  return annotations.Annotations(
+      class_names=tuple(class_names), category_ids=tuple(range(1, len(class_names) + 1)),
+      splits={split: [image(name) for name in listed] for split, listed in ids.items()},
+      counts={split: collections.Counter() for split in splits})
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='BCCD blood-cell detection, boxes in pixels (xmin, ymin, xmax, ymax).',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-            'image_id': np.int64,
-            'name': tfds.features.Text(),
-            'boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-            'labels': tfds.features.Tensor(shape=(None,), dtype=np.int64),
-        }),
-        homepage='https://github.com/Shenggan/BCCD_Dataset',
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # the source is local
-    archive = self._archive
-    if not (archive and os.path.isdir(archive) and not os.path.isfile(os.path.join(archive, ARCHIVE))):
-      archive = paths.find_archive(ARCHIVE, archive)
-    files = read_voc_files(archive)
-    all_ids = sorted(os.path.splitext(os.path.basename(p))[0] for p in files if p.startswith('Annotations'))
-    image_ids = {name: i for i, name in enumerate(all_ids)}
-    return {split: self._generate_examples(files, split_ids(files, split), image_ids) for split in self.SPLITS}
-
-  def _generate_examples(self, files, ids, image_ids):
-    for name in ids:
-      xml_path = os.path.join('Annotations', f'{name}.xml')
-      image_path = os.path.join('JPEGImages', f'{name}.jpg')
-      if xml_path not in files or image_path not in files:
-        raise ValueError(f'VOC image {name!r} is listed in a split but {xml_path} or {image_path} is missing')
-      try:
-        ann = parse_annotation(files[xml_path], self.CLASS_NAMES)
-      except ValueError as e:
-        raise ValueError(f'{xml_path}: {e}') from None
-      boxes = np.clip(ann['boxes'], 0, [ann['width'], ann['height']] * 2).astype(np.float32)
-      keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-      yield name, {
-          'image': files[image_path],
-          'image_id': image_ids[name],
-          'name': name,
-          'boxes': boxes[keep],
-          'labels': ann['labels'][keep],
-      }
-
-
-def builder(*, data_dir: str | os.PathLike | None = None, archive: str | os.PathLike | None = None) -> BccdVoc:
-  """Returns the prepared BCCD builder, reading ``archive`` (see ``BccdVoc``) into ``data_dir`` on first use.
-
-  ``data_dir``: where prepared datasets are cached; ``None`` is tfds' default (``$TFDS_DATA_DIR`` or
-  ``~/tensorflow_datasets``).
-  """
-  b = BccdVoc(data_dir=data_dir, archive=archive, file_format='array_record')
-  b.download_and_prepare()
-  return b
