@@ -12,30 +12,11 @@ import pytest
 from jint8 import optim
 from jint8 import state as quant_state
 from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, Int8Config, Int8ConvGeneralDilated, Int8Model, Int8Policy
+from nested_trees import get, merge, nested
 
 OP = 'Int8ConvGeneralDilated_0'
 # The int8 layers of the synthetic model; "Dense_0" is a float layer (no op module).
 INT8_LAYERS = (('Conv_0',), ('block', 'Conv_1'), ('block', 'Conv_2'))
-
-
-def nested(path, value):
-  for key in reversed(path):
-    value = {key: value}
-  return value
-
-
-def merge(*trees):
-  out = {}
-  for tree in trees:
-    for k, v in tree.items():
-      out[k] = merge(out[k], v) if isinstance(v, dict) and k in out else v
-  return out
-
-
-def get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def f32(x):

@@ -8,6 +8,7 @@ import pytest
 
 from jint8 import state as quant_state
 from jint8.state import QuantState
+from nested_trees import get, merge, nested
 
 OP = 'Int8ConvGeneralDilated_0'
 LAYERS = (('Conv_0',), ('block', 'Conv_1'), ('block', 'Conv_2'))
@@ -16,26 +17,6 @@ HISTORY = 4
 
 def f32(x):
   return jnp.asarray(x, jnp.float32)
-
-
-def nested(path, value):
-  for key in reversed(path):
-    value = {key: value}
-  return value
-
-
-def merge(*trees):
-  out = {}
-  for tree in trees:
-    for k, v in tree.items():
-      out[k] = merge(out[k], v) if isinstance(v, dict) and k in out else v
-  return out
-
-
-def get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def make_state(rng):
