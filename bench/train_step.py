@@ -4,6 +4,8 @@ Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8's default: the 
 stored DSGC gradient clip, quantizers fused into their producers, the DSGC search every ``period`` steps in a
 second trace, ``jint8.nn.search_cond``, as the trainers do), ``int8-maxabs`` (as ``int8`` with this step's
 max-abs as the activation clip: ``input_clip="maxabs"``), ``int8-search`` (the DSGC search on every step),
+``int8-unguarded`` (as ``int8`` without skipping non-finite steps: no ``optax.apply_if_finite``, whose
+``lax.cond`` makes the host wait for the step's gradients),
 ``int8-float-depthwise`` (as ``int8``, depthwise convs in bf16: ``Int8Policy(keep_depthwise_float=True)``) and
 ``int8-depthwise-channel-clips`` (as ``int8``, depthwise weights with a clip per channel).
 The table's header names ``XLA_FLAGS`` when set. The modes of one model compile one after another (or at once on
@@ -44,7 +46,8 @@ from jint8 import state as quant_state
 # model -> (image size, batch size, classes)
 SHAPES = {'resnet50': (224, 256, 1000), 'resnet18': (224, 256, 1000), 'resnet20': (32, 512, 10),
           'mobilenet_v2': (32, 512, 10)}
-MODES = ('bf16', 'int8', 'int8-maxabs', 'int8-search', 'int8-float-depthwise', 'int8-depthwise-channel-clips')
+MODES = ('bf16', 'int8', 'int8-maxabs', 'int8-search', 'int8-unguarded', 'int8-float-depthwise',
+         'int8-depthwise-channel-clips')
 
 
 def build_step(model_name: str, mode: str, backend: str, period: int):
@@ -57,7 +60,8 @@ def build_step(model_name: str, mode: str, backend: str, period: int):
     policy = jint8.nn.Int8Policy(keep_depthwise_float=mode == 'int8-float-depthwise')
     model = jint8.nn.Int8Model(model, config=config, policy=policy)
   inner = optax.sgd(0.1, momentum=0.9)
-  tx = optax.with_extra_args_support(inner) if mode == 'bf16' else jint8.optim.int8_optimizer(inner)
+  tx = optax.with_extra_args_support(inner) if mode == 'bf16' else jint8.optim.int8_optimizer(
+      inner, skip_nonfinite=mode != 'int8-unguarded')
   period = 1 if mode == 'int8-search' else period
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.bfloat16)
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, classes)
