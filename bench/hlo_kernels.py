@@ -3,8 +3,8 @@
 Every instruction that runs as a device kernel counts once: a fusion (however many ops it fused), a custom call
 (cuDNN, cuBLAS, a Pallas kernel), and the unfused ops that XLA emits as kernels of their own (copies, sorts,
 random-number generators, collectives, ...). A ``while`` body counts once (one iteration), and of a
-``conditional`` only the branch asked for: ``kernels(text, branch=1)`` counts the second branch, e.g. the step
-between two DSGC searches that ``jint8.nn.search_cond`` puts in the false branch of its ``lax.cond``.
+``conditional`` only the branch asked for: ``kernels(text, branch=0)`` counts the false branch of the outermost
+``lax.cond``, the step between two DSGC searches in ``jint8.nn.search_cond``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def computations(text: str) -> tuple[dict[str, list[str]], str]:
 
 
 def _opcode(line: str) -> str | None:
-  m = _INSTRUCTION.search(line)
+  m = _INSTRUCTION.search(re.sub(r'/\*.*?\*/', '', line))  # tuple types carry /*index=N*/ comments
   return m.group(1) if m else None
 
 
@@ -60,25 +60,32 @@ def _called(line: str, key: str) -> list[str]:
   return [name.strip().lstrip('%') for name in m.group(1).split(',') if name.strip()]
 
 
+def branches(line: str) -> list[str]:
+  """The branch computations of a ``conditional``, in ``lax.switch`` order: for a boolean predicate (``lax.cond``)
+  the false branch first, then the true branch."""
+  return _called(line, 'branch_computations') or (
+      _called(line, 'false_computation') + _called(line, 'true_computation'))
+
+
 def kernels(text: str, branch: int | None = None) -> int:
-  """Kernels one run of the module's entry computation launches; ``branch`` picks the branch of every
-  ``conditional`` (``None``: the first); a ``while`` loop counts as one iteration of its body."""
+  """Kernels one run of the module's entry computation launches; a ``while`` loop counts as one iteration of its
+  body. ``branch`` picks the branch of the outermost ``conditional`` (``lax.cond``'s index: 0 for its false
+  branch); nested conditionals, and the outermost one when ``branch`` is ``None``, count their largest branch."""
   comps, entry = computations(text)
 
-  def count(name: str) -> int:
+  def count(name: str, pick: int | None) -> int:
     total = 0
     for line in comps[name]:
       op = _opcode(line)
       if op == 'conditional':
-        branches = _called(line, 'branch_computations') or (
-            _called(line, 'true_computation') + _called(line, 'false_computation'))
-        total += count(branches[branch or 0])
+        names = branches(line)
+        total += count(names[pick], None) if pick is not None else max(count(b, None) for b in names)
       elif op == 'while':
-        total += count(_called(line, 'body')[0])
+        total += count(_called(line, 'body')[0], pick)
       elif op == 'call':
-        total += count(_called(line, 'to_apply')[0])
+        total += count(_called(line, 'to_apply')[0], pick)
       elif op in KERNEL_OPS:
         total += 1
     return total
 
-  return count(entry)
+  return count(entry, branch)

@@ -4,8 +4,7 @@ Modes: ``bf16`` (Flax model in bf16, XLA convs), ``int8`` (jint8's default: the 
 stored DSGC gradient clip, quantizers fused into their producers, the DSGC search every ``period`` steps in a
 second trace, ``jint8.nn.search_cond``, as the trainers do), ``int8-maxabs`` (as ``int8`` with this step's
 max-abs as the activation clip: ``input_clip="maxabs"``), ``int8-search`` (the DSGC search on every step),
-``int8-unguarded`` (as ``int8`` without skipping non-finite steps: no ``optax.apply_if_finite``, whose
-``lax.cond`` makes the host wait for the step's gradients),
+``int8-unguarded`` (as ``int8`` without skipping non-finite steps: ``int8_optimizer(skip_nonfinite=False)``),
 ``int8-float-depthwise`` (as ``int8``, depthwise convs in bf16: ``Int8Policy(keep_depthwise_float=True)``) and
 ``int8-depthwise-channel-clips`` (as ``int8``, depthwise weights with a clip per channel).
 The table's header names ``XLA_FLAGS`` when set. The modes of one model compile one after another (or at once on
