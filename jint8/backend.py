@@ -211,10 +211,6 @@ class XlaBackend:
     return _chunked_sum(partial_sum, n, chunk) * scale
 
 
-# The mesh axis that splits the batch under data parallelism (jint8.sharding builds meshes with it; kernels
-# that XLA cannot partition run per shard of it, see jint8.pallas.data_parallel).
-DATA_AXIS = 'data'
-
 _BACKENDS: dict[str, Backend] = {'xla': XlaBackend()}
 _LAZY = {'pallas': 'jint8.pallas'}
 
