@@ -36,7 +36,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jint8 import backend
 from jint8 import quant
@@ -217,27 +216,14 @@ class PallasBackend:
 
 
 def _vendor_conv(lhs, rhs, geometry: backend.ConvGeometry, scale):
-  """XLA's int8 conv, s8 x s8 -> f32 (cuDNN rejects an s32 output; the sums are exact int32 converted)."""
-  nd = geometry.ndim
-  y = lax.conv_general_dilated(
-      lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
-      dimension_numbers=backend.channels_last_dimension_numbers(nd),
-      feature_group_count=geometry.feature_group_count,
-      preferred_element_type=jnp.float32)
-  return y * scale
+  """XLA's int8 conv (``XlaBackend``'s formulation), s8 x s8 -> f32: cuDNN rejects an s32 output; the sums are
+  exact int32 converted."""
+  return backend.lax_conv(lhs, rhs, geometry, jnp.float32) * scale
 
 
 def _vendor_dgrad(g, rhs, geometry: backend.ConvGeometry, in_spatial, scale):
-  """dgrad of a stride-1, one-group conv as XLA's int8 forward conv with the flipped, transposed kernel."""
-  nd = geometry.ndim
-  kernel = rhs.shape[:nd]
-  w = jnp.swapaxes(jnp.flip(rhs, axis=tuple(range(nd))), -1, -2)
-  pads = [((k - 1) * d - lo, s - o + lo) for s, k, o, (lo, _), d in
-          zip(in_spatial, kernel, g.shape[1:-1], geometry.padding, geometry.rhs_dilation)]
-  dx = lax.conv_general_dilated(g, w, (1,) * nd, pads, rhs_dilation=geometry.rhs_dilation,
-                                dimension_numbers=backend.channels_last_dimension_numbers(nd),
-                                preferred_element_type=jnp.float32)
-  return dx * scale
+  """dgrad of a stride-1, one-group conv as XLA's int8 conv (``XlaBackend``'s formulation), s8 x s8 -> f32."""
+  return backend.lax_conv_dgrad(g, rhs, geometry, in_spatial, jnp.float32) * scale
 
 
 backend.register_backend(PallasBackend())
