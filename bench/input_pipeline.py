@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
-from jint8 import input_pipeline, optimizers, precision, sharding, trainer
+from jint8 import input_pipeline, sharding, trainer
+from jint8.training import optimizers, precision
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/resnet.py', 'Training configuration file.')

@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
   config.keep_checkpoints = 3
   # Stop with an error when the logged training loss has been back near its first value for this many logs in a
-  # row after falling below half of it (jint8.divergence; 0: never)
+  # row after falling below half of it (jint8.training.divergence; 0: never)
   config.divergence_patience = 5
   config.seed = 0
   return config

@@ -2,7 +2,7 @@
 
 ``train_and_evaluate(config, workdir)`` trains the model named in the config on the in-device dataset
 (``jint8.input_pipeline``), data parallel over every device (``jint8.sharding``), in fp32, bf16 or int8
-(``jint8.precision``). It resumes from the newest checkpoint in ``workdir/checkpoints``, writes metrics to
+(``jint8.training.precision``). It resumes from the newest checkpoint in ``workdir/checkpoints``, writes metrics to
 ``workdir/metrics.jsonl`` and TensorBoard, shows a progress bar, and ends with PNG plots. The keys of the
 config are listed with their defaults in ``configs/default.py``.
 """
@@ -25,8 +25,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optim, optimizers, precision, progress,
-                   sharding)
+from jint8 import input_pipeline, models, optim, sharding
+from jint8.training import checkpointing, divergence, metrics, optimizers, precision, progress
 from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, layer_stats, record_layer_order
 
 # Streams of randomness derived from config.seed with jax.random.fold_in.

@@ -15,11 +15,12 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import detector
-from jint8 import metrics, optim, sharding
+from jint8 import optim, sharding
 from jint8.detection import data, fcos, losses, targets, trainer, voc
 from jint8.detection.trainer import model_strides
 from jint8.models import ResNetBackbone
 from jint8.nn import STATE_COLLECTION, Int8Config, Int8Model, Int8Policy
+from jint8.training import metrics
 from jint8.trainer import initial_state
 
 

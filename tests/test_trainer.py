@@ -25,8 +25,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optimizers, precision, progress,
-                   sharding, trainer)
+from jint8 import input_pipeline, models, sharding, trainer
+from jint8.training import checkpointing, divergence, metrics, optimizers, precision, progress
 from jint8.nn import STATE_COLLECTION, Int8Model
 from test_datasets import cifar_subset  # noqa: F401  (session fixture)
 

@@ -20,10 +20,11 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jint8 import metrics, models, optimizers, precision, progress, sharding
+from jint8 import models, sharding
 from jint8.detection import coco_eval, data, fcos, losses, postprocess, targets, transforms, visualize, voc
 from jint8.input_pipeline import epoch_order
 from jint8.nn import ROUNDING_RNG
+from jint8.training import metrics, optimizers, precision, progress
 from jint8.trainer import (TrainState, augment_key, bind_train_step, format_record, gradient_step,
                            make_divergence_check, multi_step, order_key, restore_or_initialize, rounding_key,
                            run_length, train_loop, with_layer_stats, with_weight_levels)
