@@ -14,7 +14,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.task = 'classification'  # train.py runs jint8.trainer for it; other tasks plug in by name
+  config.task = 'classification'  # train.py runs jint8.classification for it; other tasks plug in by name
 
   config.model = 'resnet20'  # a name in jint8.models.MODEL_NAMES
   config.model_kwargs = ml_collections.ConfigDict({'width': 1.0})  # more constructor arguments of the model
@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.boundaries_epochs = ()  # 'piecewise': epochs at which the lr is multiplied by decay_factor
   config.optimizer.decay_factor = 0.1
   config.optimizer.weight_decay = 5e-4  # L2 on every param, added to the gradient (0: none)
+  config.grad_clip_norm = 0.0  # clip the global gradient norm at this before the optimizer (0: no clip)
   config.label_smoothing = 0.0
 
   config.batch_size = 128  # global, over all devices

@@ -21,7 +21,7 @@ from jint8.detection.trainer import model_strides
 from jint8.models import ResNetBackbone
 from jint8.nn import STATE_COLLECTION, Int8Config, Int8Model, Int8Policy
 from jint8.training import metrics
-from jint8.trainer import initial_state
+from jint8.training.state import initial_state
 
 
 class TinyBackbone(nn.Module):

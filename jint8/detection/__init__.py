@@ -2,5 +2,5 @@
 
 ``voc`` builds the dataset, ``data`` and ``transforms`` feed it, ``fcos`` is the model, ``targets`` and
 ``losses`` train it, ``postprocess`` and ``coco_eval`` evaluate it, ``visualize`` draws detections and
-``trainer`` runs it all (``config.task == "detection"`` in ``train.py``).
+``trainer`` is the task on ``jint8.training`` (``config.task == "detection"`` in ``train.py``).
 """

@@ -70,7 +70,7 @@ def describe(config: Any) -> str:
 
 def int8_config(config: Any) -> Int8Config:
   """The ``Int8Config`` of ``config.int8``. Its ``seed`` stays the default: the trainers pass ``config.seed``'s
-  rounding key at run time (``jint8.trainer.rounding_key``), so that every seed runs one compiled program."""
+  rounding key at run time (``jint8.training.state.rounding_key``), so that every seed runs one compiled program."""
   c = config.int8
   try:
     return Int8Config(backend=c.backend, dsgc=c.dsgc, stochastic_rounding=c.stochastic_rounding,
