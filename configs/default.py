@@ -29,9 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.precision = 'int8'  # 'fp32', 'bf16' (bf16 compute, fp32 params) or 'int8'
   config.int8 = ml_collections.ConfigDict()
   config.int8.backend = 'auto'  # 'pallas' (GPU kernels) on a GPU, else 'xla'; or name either
-  # Direction Sensitive Gradient Clipping; False clips gradients at max|g| (the ablation: int8 MobileNetV2
-  # collapsed to chance without it, docs/results.md)
-  config.int8.dsgc = True
+  config.int8.dsgc = True  # Direction Sensitive Gradient Clipping; False clips gradients at max|g| (the ablation)
   config.int8.period = 100  # steps between two DSGC clip searches
   config.int8.num_candidates = 32  # DSGC grid: geometric ratios of max|g| from 1 down to min_ratio
   config.int8.min_ratio = 2.0 ** -8

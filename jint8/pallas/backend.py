@@ -14,10 +14,9 @@
 Choices are visible through ``PallasBackend.plan`` and set by the attributes ``conv_impl`` / ``dgrad_impl``
 (``"auto"``, ``"pallas"``, ``"vendor"``) and ``wgrad_layout`` (``"auto"`` or one of
 ``conv_wgrad.LAYOUTS``), whose defaults come from the environment variables ``JINT8_CONV_IMPL``,
-``JINT8_DGRAD_IMPL``, ``JINT8_WGRAD_LAYOUT``. ``"auto"`` runs the Pallas kernels: on the H200 with JAX 0.11.2
-(2026-11-28) XLA's s8 x s8 -> f32 conv ran at 16-23 TOP/s, 20-40x slower than the implicit GEMM (see
-bench/RESULTS.md). ``"vendor"`` applies where XLA takes the int8 conv (one group, channels a multiple of 4;
-stride 1 for dgrad); elsewhere the kernels run.
+``JINT8_DGRAD_IMPL``, ``JINT8_WGRAD_LAYOUT``. ``"auto"`` runs the Pallas kernels, since XLA's s8 x s8 -> f32 conv
+is much slower than the implicit GEMM (bench/RESULTS.md). ``"vendor"`` applies where XLA takes the int8 conv
+(one group, channels a multiple of 4; stride 1 for dgrad); elsewhere the kernels run.
 
 1-D convs run as 2-D convs of height 1. There is no kernel for 3-D convs: they use the XLA reference
 formulation (``XlaBackend``), except where ``"vendor"`` is asked for and applies. Every such use is logged once

@@ -41,8 +41,8 @@ class ConvConfig:
 def pick_config(rows: int, columns: int, group_in: int, taps: int) -> ConvConfig:
   """Tiles for ``rows`` output pixels, ``columns`` output channels per group, ``group_in`` source channels.
 
-  8 warps for full 128x128x128 tiles of convs with several taps (on the H200, 2026-11-28, 3-7% faster than 4
-  on ResNet-50 3x3 layers), 4 otherwise (1x1 layers: no consistent difference).
+  8 warps for full 128x128x128 tiles of convs with several taps (faster than 4 on ResNet-50's 3x3 layers in
+  bench/kernels.py), 4 otherwise.
   """
   block_m = common.pow2_block(rows, 16, 128)
   block_n = common.pow2_block(columns, 16, 128)
