@@ -3,7 +3,7 @@
   python train.py --config configs/resnet.py [--workdir runs/resnet20] [--config.precision=fp32 ...]
 
 Without --workdir the run goes to runs/<config file name>-<precision>. A workdir holding checkpoints resumes.
-The config's `task` picks the trainer: a module with train_and_evaluate(config, workdir).
+The config's `task` picks the task (a module on the framework jint8.training) whose train_and_evaluate runs.
 """
 
 import importlib
@@ -21,7 +21,7 @@ from jint8 import sharding  # pylint: disable=g-import-not-at-top
 
 # config.task -> the module whose train_and_evaluate(config, workdir) runs it.
 TASKS = {
-    'classification': 'jint8.trainer',
+    'classification': 'jint8.classification',
     'detection': 'jint8.detection.trainer',
 }
 

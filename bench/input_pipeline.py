@@ -22,7 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
-from jint8 import input_pipeline, optimizers, precision, sharding, trainer
+from jint8 import classification, input_pipeline, sharding
+from jint8.training import optimizers, precision
+from jint8.training.state import initial_state
+from jint8.training.step import bind_train_step
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/resnet.py', 'Training configuration file.')
@@ -77,14 +80,14 @@ def main(argv):
         'images/s', flush=True)
   if not FLAGS.train_step:
     return
-  trainer.validate_config(config)
+  classification.validate_config(config)
   schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=batch_size,
                                                steps_per_epoch=num_batches, num_steps=10 * steps)
   tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, schedule), config)
-  model = precision.apply_precision(trainer.create_model(config, dataset.num_classes), config)
-  state = trainer.initial_state(model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
-  step = jax.jit(trainer.bind_train_step(trainer.train_step, config, model, tx=tx, batch_size=batch_size,
-                                         batch_sharding=batch_sharding), donate_argnums=0)
+  model = precision.apply_precision(classification.create_model(config, dataset.num_classes), config)
+  state = initial_state(model, tx, dataset.image_shape, config.seed, sharding.replicated(mesh))
+  step = jax.jit(bind_train_step(classification.train_step, config, model, tx=tx, batch_size=batch_size,
+                                 batch_sharding=batch_sharding), donate_argnums=0)
 
   def train():
     nonlocal state

@@ -4,7 +4,7 @@
 
 Two rows per device count: strong scaling keeps the global batch (``config.batch_size``) and splits it over the
 devices; weak scaling keeps ``config.batch_size`` per device. Each row runs the trainer's own step
-(``trainer.multi_step`` over ``trainer.train_step`` bound by ``trainer.bind_train_step``: batch made on the
+(``jint8.training.loop.multi_step`` over ``jint8.classification.train_step``: batch made on the
 device, the update, the gradient all-reduce XLA inserts for the sharded batch) for ``--steps`` steps in one
 compiled call on random CIFAR-sized data, after a warm-up call of the same length. The scaling factor is images/s
 on N devices over images/s on one, measured in the same run. Prints a Markdown table and writes the rows as JSON
@@ -25,7 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from jint8 import input_pipeline, optimizers, precision, sharding, trainer
+from jint8 import classification, input_pipeline, sharding
+from jint8.training import optimizers, precision
+from jint8.training.loop import multi_step
+from jint8.training.state import initial_state
+from jint8.training.step import bind_train_step
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/resnet.py', 'Training configuration file.')
@@ -43,12 +47,12 @@ def images_per_second(config, devices, batch_size: int, steps: int) -> float:
   schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=batch_size, steps_per_epoch=steps,
                                                num_steps=2 * steps)
   tx = precision.wrap_optimizer(optimizers.create_optimizer(config.optimizer, schedule), config)
-  model = precision.apply_precision(trainer.create_model(config, dataset.num_classes), config)
-  state = trainer.initial_state(model, tx, dataset.image_shape, config.seed, replicated)
+  model = precision.apply_precision(classification.create_model(config, dataset.num_classes), config)
+  state = initial_state(model, tx, dataset.image_shape, config.seed, replicated)
   order = jax.device_put(input_pipeline.epoch_order(jax.random.PRNGKey(0), 0, dataset.train.num_examples),
                          replicated)
-  run = jax.jit(trainer.multi_step(trainer.bind_train_step(
-      trainer.train_step, config, model, tx=tx, batch_size=batch_size,
+  run = jax.jit(multi_step(bind_train_step(
+      classification.train_step, config, model, tx=tx, batch_size=batch_size,
       batch_sharding=sharding.batch_sharded(mesh))), donate_argnums=0, out_shardings=replicated)
   with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
     state, _ = jax.block_until_ready(run(state, dataset, order, np.int32(0), np.int32(steps)))  # compile, warm up
@@ -60,7 +64,7 @@ def images_per_second(config, devices, batch_size: int, steps: int) -> float:
 def main(argv):
   del argv
   config = FLAGS.config
-  trainer.validate_config(config)
+  classification.validate_config(config)
   devices = jax.local_devices()
   print(f'{config.model}, {config.precision}, int8 backend {config.int8.backend}, {len(devices)} x '
         f'{devices[0].device_kind}, {FLAGS.steps} steps per row', flush=True)

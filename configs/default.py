@@ -14,7 +14,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.task = 'classification'  # train.py runs jint8.trainer for it; other tasks plug in by name
+  config.task = 'classification'  # train.py runs jint8.classification for it; other tasks plug in by name
 
   config.model = 'resnet20'  # a name in jint8.models.MODEL_NAMES
   config.model_kwargs = ml_collections.ConfigDict({'width': 1.0})  # more constructor arguments of the model
@@ -29,9 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.precision = 'int8'  # 'fp32', 'bf16' (bf16 compute, fp32 params) or 'int8'
   config.int8 = ml_collections.ConfigDict()
   config.int8.backend = 'auto'  # 'pallas' (GPU kernels) on a GPU, else 'xla'; or name either
-  # Direction Sensitive Gradient Clipping; False clips gradients at max|g| (the ablation: int8 MobileNetV2
-  # collapsed to chance without it, docs/results.md)
-  config.int8.dsgc = True
+  config.int8.dsgc = True  # Direction Sensitive Gradient Clipping; False clips gradients at max|g| (the ablation)
   config.int8.period = 100  # steps between two DSGC clip searches
   config.int8.num_candidates = 32  # DSGC grid: geometric ratios of max|g| from 1 down to min_ratio
   config.int8.min_ratio = 2.0 ** -8
@@ -63,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.boundaries_epochs = ()  # 'piecewise': epochs at which the lr is multiplied by decay_factor
   config.optimizer.decay_factor = 0.1
   config.optimizer.weight_decay = 5e-4  # L2 on every param, added to the gradient (0: none)
+  config.grad_clip_norm = 0.0  # clip the global gradient norm at this before the optimizer (0: no clip)
   config.label_smoothing = 0.0
 
   config.batch_size = 128  # global, over all devices
@@ -74,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
   config.keep_checkpoints = 3
   # Stop with an error when the logged training loss has been back near its first value for this many logs in a
-  # row after falling below half of it (jint8.divergence; 0: never)
+  # row after falling below half of it (jint8.training.divergence; 0: never)
   config.divergence_patience = 5
   config.seed = 0
   return config

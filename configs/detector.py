@@ -67,7 +67,7 @@ def get_config():
   config.optimizer.schedule = 'cosine'
   config.optimizer.warmup_epochs = 3.0
   config.optimizer.weight_decay = 1e-4
-  config.grad_clip_norm = 10.0  # global gradient norm clip before the optimizer (0: none)
+  config.grad_clip_norm = 10.0
 
   config.batch_size = 16
   config.eval_batch_size = 16

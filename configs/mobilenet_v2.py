@@ -14,11 +14,7 @@ def get_config():
   config.num_epochs = 100
   config.batch_size = 512
   config.optimizer.warmup_epochs = 2
-  # Half of ResNet-20's 0.1 per 128 images. At 0.1 per 128 int8 collapsed to chance in one of its four 100-epoch
-  # runs and dipped near chance mid-run in two others, and fp32 ended 1.5 points lower; at 0.05 all four runs
-  # (fp32 and int8, 2 seeds each) trained, int8 0.23 under fp32 on the mean (docs/results.md).
+  # Half of ResNet-20's 0.1 per 128 images: at 0.1 per 128 int8 training was not stable (docs/results.md).
   config.optimizer.learning_rate = 0.05
-  # DCLR stays on as in the paper; on the 40-epoch recipe at 0.1 per 128 it cost int8 0.35-0.48 points
-  # (--config.int8.dclr=False drops it). --config.int8.depthwise_channel_clips=True did not prevent the dips at
-  # 0.1 per 128, so it stays off (docs/results.md).
+  # DCLR stays on as in the paper; depthwise_channel_clips stays off: it did not make 0.1 per 128 stable.
   return config

@@ -108,11 +108,44 @@ def _chunked_sum(fn, n: int, chunk: int):
   return total
 
 
-def _check_terms(terms: int, what: str):
+def check_terms(terms: int, what: str) -> None:
+  """Raises a NotImplementedError when ``what`` sums more int8 products per output than int32 holds exactly."""
   if terms > MAX_EXACT_TERMS:
     raise NotImplementedError(
         f'{what} reduces over {terms} int8 products per output, more than the {MAX_EXACT_TERMS} an int32 '
         'accumulator holds exactly; split the layer (fewer input channels per group) or keep it in float')
+
+
+def lax_conv(lhs: jax.Array, rhs: jax.Array, geometry: ConvGeometry, accumulator) -> jax.Array:
+  """The forward conv of int8 ``lhs`` and ``rhs`` as one ``lax`` conv, summed in ``accumulator`` (``jnp.int32``,
+  or ``jnp.float32`` where XLA takes only s8 x s8 -> f32): ``[N, *O, Cout]``."""
+  return lax.conv_general_dilated(
+      lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
+      dimension_numbers=channels_last_dimension_numbers(geometry.ndim),
+      feature_group_count=geometry.feature_group_count, preferred_element_type=accumulator)
+
+
+def lax_conv_dgrad(g: jax.Array, rhs: jax.Array, geometry: ConvGeometry, in_spatial: Sequence[int],
+                   accumulator) -> jax.Array:
+  """The input gradient of a conv from int8 ``g [N, *O, Cout]`` and ``rhs`` as one ``lax`` conv, summed in
+  ``accumulator``: ``[N, *S, Cin]``.
+
+  It is the conv of ``g``, dilated by the strides, with the spatially flipped kernel whose input and output
+  channels are swapped inside each group.
+  """
+  nd, groups = geometry.ndim, geometry.feature_group_count
+  kernel, cin_g, cout = rhs.shape[:nd], rhs.shape[nd], rhs.shape[nd + 1]
+  w = jnp.flip(rhs, axis=tuple(range(nd))).reshape(*kernel, cin_g, groups, cout // groups)
+  w = jnp.transpose(w, tuple(range(nd)) + (nd + 2, nd + 1, nd)).reshape(*kernel, cout // groups, groups * cin_g)
+  out_spatial = g.shape[1:-1]
+  pads = []
+  for s, k, o, (lo, _), d, st in zip(in_spatial, kernel, out_spatial, geometry.padding,
+                                     geometry.rhs_dilation, geometry.window_strides):
+    pads.append(((k - 1) * d - lo, s - (o - 1) * st - 1 + lo))
+  return lax.conv_general_dilated(
+      g, w, (1,) * nd, pads, lhs_dilation=geometry.window_strides, rhs_dilation=geometry.rhs_dilation,
+      dimension_numbers=channels_last_dimension_numbers(nd), feature_group_count=groups,
+      preferred_element_type=accumulator)
 
 
 class XlaBackend:
@@ -125,31 +158,14 @@ class XlaBackend:
 
   def conv(self, lhs, rhs, geometry, scale, out_dtype=jnp.float32):
     nd = geometry.ndim
-    _check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd], 'int8 conv forward')
-    y = lax.conv_general_dilated(
-        lhs, rhs, geometry.window_strides, geometry.padding, rhs_dilation=geometry.rhs_dilation,
-        dimension_numbers=channels_last_dimension_numbers(nd), feature_group_count=geometry.feature_group_count,
-        preferred_element_type=_conv_accumulator_type())
+    check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd], 'int8 conv forward')
+    y = lax_conv(lhs, rhs, geometry, _conv_accumulator_type())
     return (y.astype(jnp.float32) * scale).astype(out_dtype)
 
   def conv_dgrad(self, g, rhs, geometry, in_spatial, scale, out_dtype=jnp.float32):
-    # dx is the conv of g, dilated by the strides, with the spatially flipped kernel whose input and output
-    # channels are swapped inside each group.
     nd, groups = geometry.ndim, geometry.feature_group_count
-    kernel, cin_g, cout = rhs.shape[:nd], rhs.shape[nd], rhs.shape[nd + 1]
-    _check_terms(math.prod(kernel) * cout // groups, 'int8 conv dgrad')
-    w = jnp.flip(rhs, axis=tuple(range(nd))).reshape(*kernel, cin_g, groups, cout // groups)
-    w = jnp.transpose(w, tuple(range(nd)) + (nd + 2, nd + 1, nd)).reshape(*kernel, cout // groups,
-                                                                          groups * cin_g)
-    out_spatial = g.shape[1:-1]
-    pads = []
-    for s, k, o, (lo, _), d, st in zip(in_spatial, kernel, out_spatial, geometry.padding,
-                                       geometry.rhs_dilation, geometry.window_strides):
-      pads.append(((k - 1) * d - lo, s - (o - 1) * st - 1 + lo))
-    dx = lax.conv_general_dilated(
-        g, w, (1,) * nd, pads, lhs_dilation=geometry.window_strides, rhs_dilation=geometry.rhs_dilation,
-        dimension_numbers=channels_last_dimension_numbers(nd), feature_group_count=groups,
-        preferred_element_type=_conv_accumulator_type())
+    check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd + 1] // groups, 'int8 conv dgrad')
+    dx = lax_conv_dgrad(g, rhs, geometry, in_spatial, _conv_accumulator_type())
     return (dx.astype(jnp.float32) * scale).astype(out_dtype)
 
   def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):
@@ -157,7 +173,7 @@ class XlaBackend:
     nd = geometry.ndim
     in_spatial, out_spatial = lhs.shape[1:-1], g.shape[1:-1]
     per_image = math.prod(out_spatial)
-    _check_terms(per_image, 'int8 conv wgrad (one image)')
+    check_terms(per_image, 'int8 conv wgrad (one image)')
     pads = tuple((lo, (k - 1) * d + (o - 1) * st + 1 - s - lo)
                  for s, k, o, (lo, _), d, st in zip(in_spatial, kernel_spatial, out_spatial, geometry.padding,
                                                     geometry.rhs_dilation, geometry.window_strides))
@@ -187,10 +203,6 @@ class XlaBackend:
 
     return _chunked_sum(partial_sum, n, chunk) * scale
 
-
-# The mesh axis that splits the batch under data parallelism (jint8.sharding builds meshes with it; kernels
-# that XLA cannot partition run per shard of it, see jint8.pallas.data_parallel).
-DATA_AXIS = 'data'
 
 _BACKENDS: dict[str, Backend] = {'xla': XlaBackend()}
 _LAZY = {'pallas': 'jint8.pallas'}

@@ -22,7 +22,7 @@ from typing import Any
 
 from flax import traverse_util
 
-from jint8 import divergence, metrics
+from jint8.training import divergence, metrics
 
 
 def _config(workdir: pathlib.Path) -> dict[str, Any] | None:
@@ -44,8 +44,8 @@ def summarize_run(workdir: pathlib.Path, metric: str, config: dict[str, Any] | N
   """The final, best and lowest (after the first tenth of the steps: a dip that a run recovered from) evaluated
   ``metric``, the steps, the minutes of training (``None`` without the run's
   ``config``), the non-finite gradient events, the largest per-layer gradient deviation and the step at which the
-  training loss had diverged (``jint8.divergence`` with the default patience; ``None``: it did not) of the run in
-  ``workdir``."""
+  training loss had diverged (``jint8.training.divergence`` with the default patience; ``None``: it did not) of
+  the run in ``workdir``."""
   if not (workdir / metrics.METRICS_FILE).is_file():
     raise ValueError(f'{workdir}: not a run folder (no {metrics.METRICS_FILE} in it)')
   records = metrics.read_records(workdir)

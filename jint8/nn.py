@@ -84,7 +84,7 @@ class Int8Policy:
     keep_first_conv_float: the first conv called stays float (as in the paper).
     keep_dense_float: ``nn.Dense`` layers (a CNN's classifier) stay float.
     keep_depthwise_float: depthwise convs (one group per input channel, as in MobileNetV2) stay float: they
-      are memory-bound, and the int8 depthwise kernels run at 0.3-0.8x bf16's speed (bench/RESULTS.md).
+      are memory-bound, and the int8 depthwise kernels are slower than bf16's (bench/RESULTS.md).
     float_layers: regular expressions; a layer whose path inside the wrapped model (``"stage1/block0/Conv_1"``)
       matches one stays float.
   """

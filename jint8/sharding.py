@@ -8,7 +8,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jint8.backend import DATA_AXIS
+# The mesh axis that splits the batch (kernels that XLA cannot partition run per shard of it, see
+# jint8.pallas.data_parallel).
+DATA_AXIS = 'data'
 
 # Set to 1 (or pass --multihost to train.py) to call jax.distributed.initialize() before anything else.
 MULTIHOST_ENV = 'JINT8_MULTIHOST'

@@ -6,7 +6,8 @@ import statistics
 import numpy as np
 import pytest
 
-from jint8 import compare, metrics
+from jint8 import compare
+from jint8.training import metrics
 
 
 def _write_run(workdir, accuracies, deviations, seed, precision='int8', images_per_second=(100.0,)):

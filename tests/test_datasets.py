@@ -2,7 +2,7 @@
 
 The session fixture ``cifar_subset`` copies a few hundred real images out of ../shared/data/cifar10-jpg.tar.gz
 into a small archive of the same layout and prepares the tfds dataset from it once; test_input_pipeline.py
-and test_trainer.py use it too.
+and test_train.py use it too.
 """
 
 import collections

@@ -15,13 +15,14 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import detector
-from jint8 import metrics, optim, sharding
+from jint8 import optim, sharding
 from jint8 import state as quant_state
 from jint8.detection import data, dataset, fcos, losses, targets, trainer
 from jint8.detection.trainer import model_strides
 from jint8.models import ResNetBackbone
 from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, Int8Config, Int8Model, Int8Policy
-from jint8.trainer import initial_state
+from jint8.training import metrics
+from jint8.training.state import initial_state
 
 
 class TinyBackbone(nn.Module):

@@ -1,11 +1,11 @@
-"""Tests of jint8.divergence: which logged training-loss histories count as diverged."""
+"""Tests of jint8.training.divergence: which logged training-loss histories count as diverged."""
 
 import math
 
 import numpy as np
 import pytest
 
-from jint8 import divergence
+from jint8.training import divergence
 
 
 def _history(losses, every=100):

@@ -167,7 +167,8 @@ def test_mobilenet_v2_convs_are_depthwise():
 
 def test_config_keeps_the_depthwise_convs_of_mobilenet_v2_float():
   from configs import default  # pylint: disable=import-outside-toplevel
-  from jint8 import nn as jnn, precision  # pylint: disable=import-outside-toplevel
+  from jint8 import nn as jnn  # pylint: disable=import-outside-toplevel
+  from jint8.training import precision  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   config.precision = 'int8'

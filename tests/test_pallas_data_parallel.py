@@ -15,11 +15,11 @@ REPO = pathlib.Path(__file__).parents[1]
 _CHECK = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jint8 import backend, quant
+    from jint8 import backend, quant, sharding
     from jint8.pallas import PallasBackend, data_parallel
 
     assert jax.device_count() == 4
-    mesh = Mesh(np.asarray(jax.devices()), (backend.DATA_AXIS,))
+    mesh = Mesh(np.asarray(jax.devices()), (sharding.DATA_AXIS,))
     be = PallasBackend(interpret=True)
     rng = np.random.default_rng(int(SEED))
     ints = lambda *s: jnp.asarray(rng.integers(-127, 128, size=s), jnp.int8)
@@ -44,7 +44,7 @@ _CHECK = textwrap.dedent('''
     args = (x, w, g, gf, a, b, c)
     shards = 1
     single = jax.jit(ops)(*args)
-    batch, replicated = NamedSharding(mesh, P(backend.DATA_AXIS)), NamedSharding(mesh, P())
+    batch, replicated = NamedSharding(mesh, P(sharding.DATA_AXIS)), NamedSharding(mesh, P())
     placed = [jax.device_put(v, replicated if v is w or v is b else batch) for v in args]
     shards = 4
     with jax.set_mesh(mesh):

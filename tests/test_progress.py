@@ -2,7 +2,7 @@
 
 import time
 
-from jint8 import progress
+from jint8.training import progress
 
 
 def shown_rate(bar):

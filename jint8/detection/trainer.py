@@ -1,17 +1,15 @@
-"""Object-detection training and evaluation (``config.task == "detection"``): FCOS on VOC or COCO data.
+"""Object detection (``config.task == "detection"``): FCOS on VOC or COCO data, the task on ``jint8.training``.
 
-``train_and_evaluate(config, workdir)`` works like ``jint8.trainer``'s (same ``TrainState``, precision,
-optimizer, sharding, checkpointing, metrics and progress modules): the splits live in device memory
-(``data``), FCOS targets are assigned inside the compiled step, and evaluation decodes the detections,
-runs per-class NMS on the host and scores them with pycocotools (mAP@[.5:.95], mAP@.5) at the original
-image resolution. It ends with the metric plots and ``detections.png``, predictions drawn on validation
-images. The keys of the config are in ``configs/detector.py``.
+``train_and_evaluate(config, workdir)`` trains FCOS on splits that live in device memory (``data``), assigning
+the FCOS targets inside the compiled step; evaluation decodes the detections, runs per-class NMS on the host and
+scores them with pycocotools (mAP@[.5:.95], mAP@.5) at the original image resolution. ``jint8.training.run`` does
+the rest (precision, optimizer, data parallelism, checkpoints, metrics, plots); the run ends with
+``detections.png``, predictions drawn on validation images. The keys of the config are in ``configs/detector.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 from typing import Any
 
@@ -20,40 +18,29 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jint8 import metrics, models, optimizers, precision, progress, sharding
+from jint8 import models, sharding
 from jint8.detection import coco_eval, data, dataset, fcos, losses, postprocess, targets, transforms, visualize
-from jint8.input_pipeline import epoch_order
 from jint8.nn import ROUNDING_RNG
-from jint8.trainer import (TrainState, augment_key, bind_train_step, format_record, gradient_step,
-                           make_divergence_check, multi_step, order_key, restore_or_initialize, rounding_key,
-                           run_length, train_loop, with_layer_stats, with_weight_levels)
+from jint8.training import precision, run
+from jint8.training.state import TrainState, augment_key, rounding_key
+from jint8.training.step import gradient_step, with_layer_stats
 
 BACKBONES = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50}
 
 
 def validate_config(config: Any) -> None:
   """Raises a ValueError naming the first config key whose value is invalid."""
-  if config.task != 'detection':
-    raise ValueError(f"config.task: jint8.detection.trainer trains 'detection', got {config.task!r}")
+  run.validate_config(config, 'detection')
   if config.model not in BACKBONES:
     raise ValueError(f'config.model: unknown backbone {config.model!r}; valid: {", ".join(BACKBONES)}')
-  precision.check_precision(config)
-  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
-    if config[key] < 1:
-      raise ValueError(f'config.{key} must be >= 1, got {config[key]}')
-  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps', 'num_visualize',
-              'divergence_patience'):
-    if config[key] < 0:
-      raise ValueError(f'config.{key} must be >= 0, got {config[key]}')
-  if not config.num_train_steps and config.num_epochs < 1:
-    raise ValueError(f'config.num_epochs must be >= 1 when config.num_train_steps is 0, got {config.num_epochs}')
+  if config.num_visualize < 0:
+    raise ValueError(f'config.num_visualize must be >= 0, got {config.num_visualize}')
   unknown = set(config.dataset.flips) - set(transforms.FLIP_AXES)
   if unknown:
     raise ValueError(f'config.dataset.flips: unknown {sorted(unknown)}; valid: {transforms.FLIP_AXES}')
   dataset.validate_config(config.dataset)
-  for key in ('max_boxes', 'max_train_examples', 'max_test_examples'):
-    if config.dataset[key] < 0:
-      raise ValueError(f'config.dataset.{key} must be >= 0 (0: all), got {config.dataset[key]}')
+  if config.dataset.max_boxes < 0:
+    raise ValueError(f'config.dataset.max_boxes must be >= 0 (0: all), got {config.dataset.max_boxes}')
   largest_stride = 2 ** (5 + config.fcos.extra_levels)
   if len(config.dataset.image_size) != 2 or any(s <= 0 or s % largest_stride for s in config.dataset.image_size):
     raise ValueError(f'config.dataset.image_size must be (height, width), multiples of the largest pyramid stride '
@@ -112,29 +99,55 @@ def predict_step(state: TrainState, split: data.Split, index: jax.Array, *, mode
   return postprocess.decode(outputs, locations.points, locations.point_strides, top_k), mask
 
 
-class _Loop:
-  """The compiled steps of one run, and evaluation (decoding, NMS, COCO mAP) around them."""
+def model_strides(model: nn.Module) -> tuple[int, ...]:
+  """The pyramid strides of an ``FCOS`` model, also when wrapped by ``Int8Model``."""
+  return getattr(model, 'model', model).strides
 
-  def __init__(self, config: Any, model: nn.Module, tx: optax.GradientTransformation, train: data.Split,
-               evaluation: data.Split, ground_truth: list[dict], source: dataset.Data, mesh: jax.sharding.Mesh):
-    replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    self.config, self.source = config, source
-    self.train, self.evaluation, self.ground_truth = train, evaluation, ground_truth
-    self.locations = targets.Locations(train.image_size, model_strides(model), config.fcos.size_boundaries,
+
+class Detection(run.Task):
+  """The detection task: a VOC or COCO source's splits in device memory (``dataset``), ``train_step``, and COCO
+  evaluation around the compiled ``predict_step`` (decoding, NMS, mAP on the source's category ids)."""
+
+  show = ('loss',)
+  validate_config = staticmethod(validate_config)
+
+  @property
+  def eval_split(self) -> str:
+    return self.config.dataset.eval_split
+
+  def load(self, replicated: jax.sharding.Sharding) -> run.TrainingData:
+    d = self.config.dataset
+    self.source = dataset.load(d)
+    if d.max_boxes and d.max_boxes < self.source.max_boxes:
+      raise ValueError(f'config.dataset.max_boxes: {d.max_boxes} is fewer than the {self.source.max_boxes} boxes of '
+                       'the fullest image (0: as many as the data needs)')
+    if jax.process_index() == 0:
+      print('\n'.join(f'{d.path} {line}' for line in self.source.reports.values()), flush=True)
+    self.image_size, max_boxes = tuple(d.image_size), d.max_boxes or self.source.max_boxes
+    self.train, _ = data.create_split(self.source.split(d.train_split), self.image_size, max_boxes, replicated,
+                                      max_examples=d.max_train_examples)
+    self.evaluation, self.ground_truth = data.create_split(self.source.split(d.eval_split), self.image_size,
+                                                           max_boxes, replicated, max_examples=d.max_test_examples)
+    return run.TrainingData(self.train, self.train.num_examples, (*self.image_size, 3))
+
+  def create_model(self) -> fcos.FCOS:
+    return create_model(self.config, len(self.source.class_names))
+
+  def compile(self, model: nn.Module, mesh: jax.sharding.Mesh):
+    config = self.config
+    self.locations = targets.Locations(self.train.image_size, model_strides(model), config.fcos.size_boundaries,
                                        config.fcos.center_radius)
-    self.train_steps = jax.jit(multi_step(
-        bind_train_step(train_step, config, model, tx=tx, locations=self.locations, batch_size=config.batch_size,
-                        batch_sharding=batch, flips=tuple(config.dataset.flips),
-                        focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma),
-        finish=with_weight_levels), donate_argnums=0, out_shardings=replicated)
     self.predict_step = jax.jit(
         functools.partial(predict_step, model=model, locations=self.locations,
-                          batch_size=config.eval_batch_size, batch_sharding=batch, top_k=config.eval.top_k),
-        out_shardings=replicated)
-    self._order = jax.jit(epoch_order, static_argnums=2, out_shardings=replicated)
+                          batch_size=config.eval_batch_size, batch_sharding=sharding.batch_sharded(mesh),
+                          top_k=config.eval.top_k),
+        out_shardings=sharding.replicated(mesh))
+    return functools.partial(train_step, locations=self.locations, flips=tuple(config.dataset.flips),
+                             focal_alpha=config.fcos.focal_alpha, focal_gamma=config.fcos.focal_gamma)
 
-  def order(self, state: TrainState, epoch: int) -> jax.Array:
-    return self._order(order_key(state), epoch, self.train.num_examples)
+  def describe(self) -> str:
+    return (f'{self.train.num_examples} training / {self.evaluation.num_examples} {self.eval_split} images at '
+            f'{self.image_size}, {len(self.locations)} locations')
 
   def predict(self, state: TrainState) -> list[dict[str, np.ndarray]]:
     """Detections of every evaluation image after NMS, in resized-image pixels."""
@@ -171,87 +184,21 @@ class _Loop:
     truth = [{'boxes': b[v], 'labels': l[v]} for b, l, v in zip(boxes, labels, valid)]
     visualize.draw_detections(path, images, confident, self.source.class_names, truth, title=title)
 
-
-def model_strides(model: nn.Module) -> tuple[int, ...]:
-  """The pyramid strides of an ``FCOS`` model, also when wrapped by ``Int8Model``."""
-  return getattr(model, 'model', model).strides
+  def write_outputs(self, workdir: pathlib.Path, step: int, final: dict[str, float],
+                    evaluation: list[dict[str, np.ndarray]]) -> list[str]:
+    """``detections.png`` (``draw``) unless ``config.num_visualize`` is 0."""
+    config = self.config
+    if not config.num_visualize:
+      return []
+    self.draw(workdir / 'detections.png', evaluation,
+              f'{config.model} FCOS, {config.precision}, step {step}: {self.eval_split} mAP {final["mAP"]:.3f}, '
+              f'mAP@.5 {final["mAP50"]:.3f} (dashed: ground truth)')
+    return ['detections.png']
 
 
 def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.FCOS | None = None
                        ) -> dict[str, float]:
-  """Trains and evaluates FCOS as ``config`` says, in (and resuming from) ``workdir``.
-
-  Args:
-    config: a config with the keys of ``configs/detector.py``.
-    workdir: the run's folder: checkpoints, ``metrics.jsonl``, TensorBoard events, plots, ``config.json``.
-    model: an ``FCOS`` to train instead of ``create_model(config)``; it is still converted to int8 when
-      ``config.precision == "int8"``.
-
-  Returns:
-    The final COCO metrics of the evaluation split: ``mAP`` (AP@[.5:.95]), ``mAP50``, ``mAP75``, ``AP/<class>``.
-  """
-  validate_config(config)
-  workdir = pathlib.Path(workdir)
-  is_main = jax.process_index() == 0
-  mesh = sharding.training_mesh(config)
-  with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
-
-    d = config.dataset
-    source = dataset.load(d)
-    if d.max_boxes and d.max_boxes < source.max_boxes:
-      raise ValueError(f'config.dataset.max_boxes: {d.max_boxes} is fewer than the {source.max_boxes} boxes of the '
-                       'fullest image (0: as many as the data needs)')
-    image_size, max_boxes = tuple(d.image_size), d.max_boxes or source.max_boxes
-    train, _ = data.create_split(source.split(d.train_split), image_size, max_boxes, sharding.replicated(mesh),
-                                 max_examples=d.max_train_examples)
-    evaluation, ground_truth = data.create_split(source.split(d.eval_split), image_size, max_boxes,
-                                                 sharding.replicated(mesh), max_examples=d.max_test_examples)
-    steps_per_epoch, num_steps = run_length(config, train.num_examples)
-    schedule = optimizers.learning_rate_schedule(config.optimizer, batch_size=config.batch_size,
-                                                 steps_per_epoch=steps_per_epoch, num_steps=num_steps)
-    inner = optimizers.create_optimizer(config.optimizer, schedule)
-    if config.grad_clip_norm:
-      inner = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), inner)
-    tx = precision.wrap_optimizer(inner, config)
-    model = precision.apply_precision(model or create_model(config, len(source.class_names)), config)
-    loop = _Loop(config, model, tx, train, evaluation, ground_truth, source, mesh)
-
-    init_args = (model, tx, (*image_size, 3), config.seed, sharding.replicated(mesh))
-    checkpointer, state, epoch, index, layer_order = restore_or_initialize(workdir, config, init_args, is_main)
-    step = int(state.step)
-    if is_main:
-      print('\n'.join(f'{d.path} {line}' for line in source.reports.values()), flush=True)
-      print(f'{jax.device_count()} devices, {train.num_examples} training / {evaluation.num_examples} '
-            f'{d.eval_split} images at {image_size}, {len(loop.locations)} locations, {steps_per_epoch} steps '
-            f'per epoch, {num_steps} steps, precision {precision.describe(config)}', flush=True)
-    writer = metrics.MetricWriter(workdir, resume_step=step, enabled=is_main)
-
-    bar = progress.Progress(num_steps, initial=step, enabled=is_main)
-
-    def evaluate(state, step):
-      result, detections = loop.evaluate(state)
-      bar.write(format_record(step, num_steps, d.eval_split, writer.write(step, d.eval_split, result)))
-      return result, detections
-
-    state, last = train_loop(state, loop, train, start=(step, epoch, index), num_steps=num_steps,
-                             steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
-                             checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=('loss',),
-                             layer_order=layer_order, divergence_check=make_divergence_check(config, workdir, step))
-    final, detections = last if last is not None else (None, None)
-    bar.close()
-    if final is None:  # resumed from a finished run
-      final, detections = loop.evaluate(state)
-    checkpointer.close()
-    writer.close()
-    if is_main:
-      records = metrics.read_records(workdir)
-      metrics.plot_curves(records, workdir / 'curves.png')
-      written = ['curves.png'] + (['layers.png'] if metrics.plot_layers(records, workdir / 'layers.png') else [])
-      if config.num_visualize:
-        loop.draw(workdir / 'detections.png', detections,
-                  f'{config.model} FCOS, {config.precision}, step {num_steps}: {d.eval_split} mAP {final["mAP"]:.3f}, '
-                  f'mAP@.5 {final["mAP50"]:.3f} (dashed: ground truth)')
-        written.append('detections.png')
-      print(f'Wrote {", ".join(str(workdir / w) for w in written)}', flush=True)
-      print(json.dumps({f'final_{d.eval_split}': final}), flush=True)
-    return final
+  """Runs the ``Detection`` task of ``config`` (the keys of ``configs/detector.py``) in ``workdir``
+  (``jint8.training.run.train_and_evaluate``); returns the final COCO metrics of the evaluation split: ``mAP``
+  (AP@[.5:.95]), ``mAP50``, ``mAP75``, ``AP/<class>``. ``model``, an ``FCOS``, replaces ``create_model(config)``."""
+  return run.train_and_evaluate(Detection(config), workdir, model=model)

@@ -41,8 +41,8 @@ class ConvConfig:
 def pick_config(rows: int, columns: int, group_in: int, taps: int) -> ConvConfig:
   """Tiles for ``rows`` output pixels, ``columns`` output channels per group, ``group_in`` source channels.
 
-  8 warps for full 128x128x128 tiles of convs with several taps (on the H200, 2026-11-28, 3-7% faster than 4
-  on ResNet-50 3x3 layers), 4 otherwise (1x1 layers: no consistent difference).
+  8 warps for full 128x128x128 tiles of convs with several taps (faster than 4 on ResNet-50's 3x3 layers in
+  bench/kernels.py), 4 otherwise.
   """
   block_m = common.pow2_block(rows, 16, 128)
   block_n = common.pow2_block(columns, 16, 128)
@@ -150,13 +150,6 @@ def _check_2d(lhs, rhs, geometry: backend.ConvGeometry):
     raise TypeError(f'int8 conv takes int8 operands, got {lhs.dtype} and {rhs.dtype}')
 
 
-def _check_terms(terms: int, what: str):
-  if terms > backend.MAX_EXACT_TERMS:
-    raise NotImplementedError(
-        f'{what} reduces over {terms} int8 products per output, more than the {backend.MAX_EXACT_TERMS} an '
-        'int32 accumulator holds exactly; split the layer or keep it in float')
-
-
 def conv_forward(x, w, geometry: backend.ConvGeometry, scale, *, interpret: bool,
                  config: ConvConfig | None = None, out_dtype=jnp.float32):
   """Forward conv of int8 ``x [N, H, W, Cin]`` and ``w [KH, KW, Cin/G, Cout]``: ``[N, OH, OW, Cout]`` in
@@ -164,7 +157,7 @@ def conv_forward(x, w, geometry: backend.ConvGeometry, scale, *, interpret: bool
   _check_2d(x, w, geometry)
   (n, h, wd, _), (kh, kw, group_in, cout) = x.shape, w.shape
   groups = geometry.feature_group_count
-  _check_terms(kh * kw * group_in, 'int8 conv forward')
+  backend.check_terms(kh * kw * group_in, 'int8 conv forward')
   oh, ow = geometry.out_spatial((h, wd), (kh, kw))
   (sh, sw), ((ph, _), (pw, _)), (dh, dw) = geometry.window_strides, geometry.padding, geometry.rhs_dilation
   plan = geo.ConvPlan(n, geo.forward_axis(h, oh, kh, sh, ph, dh), geo.forward_axis(wd, ow, kw, sw, pw, dw))
@@ -180,7 +173,7 @@ def conv_dgrad(g, w, geometry: backend.ConvGeometry, in_spatial, scale, *, inter
   (n, oh, ow, cout), (kh, kw, group_in, _) = g.shape, w.shape
   groups = geometry.feature_group_count
   group_out = cout // groups
-  _check_terms(kh * kw * group_out, 'int8 conv dgrad')
+  backend.check_terms(kh * kw * group_out, 'int8 conv dgrad')
   h, wd = in_spatial
   (sh, sw), ((ph, _), (pw, _)), (dh, dw) = geometry.window_strides, geometry.padding, geometry.rhs_dilation
   plan = geo.ConvPlan(n, geo.dgrad_axis(h, oh, kh, sh, ph, dh), geo.dgrad_axis(wd, ow, kw, sw, pw, dw))

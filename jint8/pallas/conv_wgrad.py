@@ -14,14 +14,12 @@ Operand layouts (``WgradConfig.layout``):
   transposed in the dot; no extra pass, slower products.
 - ``"mixed"``: ``x`` pixel-major (aligned gathers), ``g`` transposed to K-major (dense tiles).
 - ``"swapped"``: as ``"mixed"`` with the operands swapped, ``dw^T = g^T x_tap``: the K-major ``g`` tile is the
-  left operand and the pixel-major ``x`` tile the right one (a K x N right operand ran 261 TOP/s in a plain
-  GEMM, NOTES section 3; a pixel-major left operand about 160).
+  left operand and the pixel-major ``x`` tile the right one (in a plain GEMM a K x N right operand is faster
+  than a pixel-major left one).
 - ``"register"``: as ``"mixed"``, with the ``x`` tile transposed in registers (a masking select keeps Triton
   from folding the transpose into a pixel-major shared-memory operand, which 8-bit wgmma cannot read), meant
   to let the left operand reach the tensor cores from registers (not checked in the machine code).
-On the H200 (2026-11-28), ResNet-50 stage 2-4 layers: ``"register"`` 148-304 TOP/s (the default),
-``"swapped"`` 106-172, ``"mixed"`` 155-167, ``"kmajor"`` 107-163, ``"mnmajor"`` 85-102; all slower than bf16's
-wgrad (bench/RESULTS.md).
+``"register"`` is the default: the fastest on ResNet-50's layers in bench/kernels.py (bench/RESULTS.md).
 Reference: ``jint8.backend.XlaBackend.conv_wgrad``.
 """
 

@@ -2,11 +2,11 @@
 
 A Pallas kernel is a custom call that ``jax.jit``'s partitioner cannot split: on a mesh it would gather the
 batch-sharded operands and compute the whole batch on every device. When a mesh is active
-(``jax.set_mesh(mesh)``, as the trainers do) whose axis ``jint8.backend.DATA_AXIS`` has more than one device,
-``map_batch`` runs a kernel under ``jax.shard_map`` instead: the batch-leading operands (activations and
-gradients) split along their first axis, the others (weights, clips) replicated. Outputs are either
-batch-leading too (the convs' results, per-block partial statistics, which concatenate into the single-device
-partials of a differently blocked tensor) or summed over the devices (wgrad).
+(``jax.set_mesh(mesh)``, as the trainers do) whose axis ``jint8.sharding.DATA_AXIS`` has more than one
+device, ``map_batch`` runs a kernel under ``jax.shard_map`` instead: the batch-leading operands (activations and
+gradients) split along their first axis, the others (weights, clips) replicated. Outputs are either batch-leading
+too (the convs' results, per-block partial statistics, which concatenate into the single-device partials of a
+differently blocked tensor) or summed over the devices (wgrad).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jint8.backend import DATA_AXIS
+from jint8.sharding import DATA_AXIS
 
 
 def shards(leading: int) -> int:

@@ -1,9 +1,9 @@
 """Kernel: int8 x int8 matrix product with int32 accumulation and a float32 ``* scale`` epilogue.
 
 Both operands are K-major (``a [M, K]``, ``b [N, K]``, K contiguous): Hopper's 8-bit tensor-core path needs
-K-major shared-memory tiles, and the other layout ran 4x slower (NOTES section 3). Programs walk the output
-tiles in groups of ``GROUP_M`` rows so that neighbouring programs share operand tiles in L2. Reductions longer
-than ``jint8.backend.MAX_EXACT_TERMS`` are split and the partial products added in float32.
+K-major shared-memory tiles for full speed. Programs walk the output tiles in groups of ``GROUP_M`` rows so that
+neighbouring programs share operand tiles in L2. Reductions longer than ``jint8.backend.MAX_EXACT_TERMS`` are
+split and the partial products added in float32.
 Reference: ``jint8.backend.XlaBackend.matmul``.
 """
 
@@ -34,11 +34,8 @@ class GemmConfig:
 
 
 def pick_config(m: int, n: int, k: int) -> GemmConfig:
-  """Block sizes for an ``m x n x k`` product: 128x128x128 tiles, 4 warps, 3 stages, smaller ones to fit.
-
-  On the H200 (2026-11-28, 8192^3) that was the fastest of six configurations: 1203 TOP/s, against 1091 for
-  128x256x128 and 256x128x128 (8 warps) and 864-940 for 4-stage ones.
-  """
+  """Block sizes for an ``m x n x k`` product: 128x128x128 tiles, 4 warps, 3 stages (the fastest of the
+  configurations bench/kernels.py compared), smaller ones to fit."""
   return GemmConfig(common.pow2_block(m, 16, 128), common.pow2_block(n, 16, 128), common.pow2_block(k, 32, 128),
                     4, 3)
 

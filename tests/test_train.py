@@ -1,0 +1,144 @@
+"""train.py end to end: a run's metrics, checkpoints and plots, resume after SIGKILL, a corrupt checkpoint, 4
+devices, an unknown config key.
+
+The runs use configs/smoke.py with the small CNN of ``tiny.py`` (``--config.model=tiny:TinyCNN``) on a few
+hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from jint8.training import metrics
+from test_datasets import cifar_subset  # noqa: F401  (session fixture)
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+NUM_STEPS = 40
+
+
+RUN_FLAGS = ('--config.model=tiny:TinyCNN', f'--config.num_train_steps={NUM_STEPS}',
+             '--config.log_every_steps=4', '--config.eval_every_steps=8', '--config.checkpoint_every_steps=4')
+
+
+def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None):
+  """Runs train.py with the smoke config on the test data; returns the CompletedProcess (or the Popen)."""
+  env = dict(os.environ, PYTHONPATH=f'{REPO}{os.pathsep}{REPO / "tests"}', JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  command = [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',
+             f'--config.dataset.archive={data.archive}', f'--config.dataset.data_dir={data.data_dir}',
+             *RUN_FLAGS, *flags]
+  if background_log is not None:
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=background_log, stderr=subprocess.STDOUT)
+  result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result
+
+
+def _final(stdout: str) -> dict[str, float]:
+  lines = [line for line in stdout.splitlines() if line.startswith('{"final_test"')]
+  assert len(lines) == 1, stdout[-3000:]
+  return json.loads(lines[0])['final_test']
+
+
+def _test_records(workdir) -> list[dict[str, Any]]:
+  return [r for r in metrics.read_records(workdir) if r['split'] == 'test']
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(cifar_subset, cache_dir, tmp_path_factory):
+  """One uninterrupted run without --workdir, in a fresh folder."""
+  cwd = tmp_path_factory.mktemp('uninterrupted')
+  result = _run(cwd, cifar_subset, cache_dir)
+  return cwd / 'runs' / 'smoke-int8', result.stdout
+
+
+def test_run_writes_metrics_checkpoints_and_plots(uninterrupted):
+  workdir, stdout = uninterrupted
+  assert 'No --workdir given: using runs/smoke-int8' in stdout and 'Starting a new run' in stdout
+  records = metrics.read_records(workdir)
+  train = [r for r in records if r['split'] == 'train']
+  assert [r['step'] for r in train] == list(range(4, NUM_STEPS + 1, 4))
+  assert [r['step'] for r in _test_records(workdir)] == list(range(8, NUM_STEPS + 1, 8))
+  # int8: the two later convs are int8 (per-layer stats); the first conv and the Dense stay float.
+  assert sorted(train[-1]['layers']) == ['model/Conv_1', 'model/Conv_2']
+  for r in train:
+    assert np.isfinite(r['loss']) and 0 <= r['accuracy'] <= 1 and r['nonfinite'] == 0
+    assert 0 <= r['grad_deviation_mean'] <= r['grad_deviation_max'] < 0.5
+    assert all(stats['grad_clip'] > 0 and 0 < stats['weight_levels'] <= 127 for stats in r['layers'].values())
+  assert train[0]['lr'] > train[-1]['lr'] > 0  # cosine decay
+  assert train[-1]['loss'] < train[0]['loss']
+  assert _final(stdout) == {k: _test_records(workdir)[-1][k] for k in ('loss', 'accuracy')}
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['32', '36', '40']
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  for png in ('curves.png', 'layers.png'):
+    assert (workdir / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert json.loads((workdir / 'config.json').read_text())['num_train_steps'] == NUM_STEPS
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(uninterrupted, cifar_subset, cache_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  with open(tmp_path / 'killed.log', 'w') as log:
+    process = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', background_log=log)
+    deadline = time.time() + 300
+    while not (workdir / 'checkpoints' / '4').exists() and process.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+  assert '"final_test"' not in (tmp_path / 'killed.log').read_text()  # killed before the end
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}')
+  assert 'Resuming from the checkpoint at step' in result.stdout
+  assert _final(result.stdout) == _final(uninterrupted[1])
+  strip = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'} for r in records]
+  assert strip(metrics.read_records(workdir)) == strip(metrics.read_records(uninterrupted[0]))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cifar_subset, cache_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted[0], workdir)
+  for path in (workdir / 'checkpoints' / '40').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':
+      path.write_bytes(b'damaged')
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}')
+  assert 'checkpoint step 40' in result.stderr and 'cannot be read' in result.stderr
+  assert 'Resuming from the checkpoint at step 36' in result.stdout
+  assert (workdir / 'checkpoints' / '40.corrupt').is_dir()
+  assert _final(result.stdout) == _final(uninterrupted[1])
+
+
+def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, tmp_path):
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={tmp_path / "run"}', devices=4)
+  assert '4 devices' in result.stdout
+  one, four = _test_records(uninterrupted[0]), _test_records(tmp_path / 'run')
+  assert [r['step'] for r in one] == [r['step'] for r in four]
+  # Sums reduce in another order over 4 devices; int8 rounding then amplifies the float differences slowly.
+  assert four[0]['loss'] == pytest.approx(one[0]['loss'], rel=1e-4)
+  for a, b in zip(one, four):
+    assert b['loss'] == pytest.approx(a['loss'], rel=2e-3)
+    assert b['accuracy'] == pytest.approx(a['accuracy'], abs=0.021)  # 2 of 100 test images
+
+
+def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
+  process = subprocess.run(
+      [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',
+       '--config.optimizer.learning_rat=0.1'], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert process.returncode != 0 and 'learning_rat' in process.stderr
