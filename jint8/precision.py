@@ -19,8 +19,9 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from flax import nnx
 
-from jint8 import backend, optim
+from jint8 import backend, nnx_bridge, optim
 from jint8.nn import Int8Config, Int8Model, Int8Policy
 
 PRECISIONS = ('fp32', 'bf16', 'int8')
@@ -91,9 +92,12 @@ def int8_policy(config: Any) -> Int8Policy:
 
 
 def apply_precision(model: nn.Module, config: Any) -> nn.Module:
-  """``model`` itself for fp32 / bf16 (build it with ``compute_dtype``), its ``Int8Model`` for int8."""
+  """``model`` itself for fp32 / bf16 (build it with ``compute_dtype``), its ``Int8Model`` for int8 (for an NNX
+  model bridged by ``jint8.nnx_bridge.linen_model``, its ``Int8NnxModel``)."""
   if config.precision != 'int8':
     return model
+  if isinstance(model, nnx.bridge.ToLinen):
+    return nnx_bridge.Int8NnxModel(model.nnx_class, config=int8_config(config), policy=int8_policy(config))
   return Int8Model(model, config=int8_config(config), policy=int8_policy(config))
 
 

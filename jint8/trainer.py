@@ -24,12 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import nnx
 
-from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, optimizers, precision, progress,
-                   sharding)
+from jint8 import (checkpointing, divergence, input_pipeline, metrics, models, nnx_bridge, optimizers, precision,
+                   progress, sharding)
 from jint8 import state as quant_state
 from jint8.nn import ROUNDING_RNG, STATE_COLLECTION, record_layer_order, search_cond
 
+# The Flax APIs of config.api: a Linen model, or a Flax NNX model run through jint8.nnx_bridge.
+APIS = ('linen', 'nnx')
 # Streams of randomness derived from config.seed with jax.random.fold_in.
 _INIT, _ORDER, _AUGMENT, _DROPOUT, _ROUNDING = range(5)
 
@@ -61,6 +64,8 @@ def validate_config(config: Any) -> None:
   """Raises a ValueError naming the first config key whose value is invalid."""
   if config.task != 'classification':
     raise ValueError(f"config.task: jint8.trainer trains 'classification', got {config.task!r}")
+  if config.api not in APIS:
+    raise ValueError(f'config.api must be one of {APIS}, got {config.api!r}')
   precision.check_precision(config)
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
     if config[key] < 1:
@@ -80,22 +85,30 @@ def validate_config(config: Any) -> None:
 def create_model(config: Any, num_classes: int) -> nn.Module:
   """The model of ``config.model`` / ``config.model_kwargs`` in the compute dtype of ``config.precision``.
 
-  ``config.model`` is a name in ``jint8.models.MODEL_NAMES`` or ``"package.module:Factory"``, any callable
-  taking ``num_classes``, ``dtype`` and the ``model_kwargs`` (a model of your own).
+  ``config.model`` is a name in ``jint8.models.MODEL_NAMES`` (with ``config.api == "nnx"``: in
+  ``NNX_MODEL_NAMES``, the Flax NNX version, bridged into Linen by ``jint8.nnx_bridge``) or
+  ``"package.module:Factory"``, any callable taking ``num_classes``, ``dtype`` and the ``model_kwargs`` (a model of
+  your own; for NNX also ``rngs``).
   """
   kwargs = dict(num_classes=num_classes, dtype=precision.compute_dtype(config), **config.model_kwargs)
+  nnx_api = config.api == 'nnx'
+  names, zoo = (models.NNX_MODEL_NAMES, models.create_nnx_model) if nnx_api else (models.MODEL_NAMES,
+                                                                                 models.create_model)
   if ':' in config.model:
     module_name, name = config.model.split(':', 1)
     try:
       factory = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
       raise ValueError(f'config.model: cannot import {config.model!r}: {e}') from None
-  elif config.model in models.MODEL_NAMES:
-    factory = functools.partial(models.create_model, config.model)
+  elif config.model in names:
+    factory = functools.partial(zoo, config.model)
   else:
-    raise ValueError(f'config.model: unknown model {config.model!r}; valid: {", ".join(models.MODEL_NAMES)} '
-                     'or "package.module:Factory"')
+    raise ValueError(f'config.model: unknown {"NNX " if nnx_api else ""}model {config.model!r}; valid: '
+                     f'{", ".join(names)} or "package.module:Factory"')
   try:
+    if nnx_api:
+      nnx.eval_shape(lambda: factory(**kwargs, rngs=nnx.Rngs(0)))  # checks the kwargs, building nothing
+      return nnx_bridge.linen_model(functools.partial(factory, **kwargs))
     return factory(**kwargs)
   except TypeError as e:
     raise ValueError(f'config.model_kwargs: {e}') from None

@@ -179,6 +179,28 @@ print(hashlib.sha256(_lowered_train_steps(smoke.get_config()).encode()).hexdiges
 """
 
 
+def test_an_nnx_resnet20_trains_and_resumes_bit_exactly(cifar_subset, cache_dir, tmp_path):
+  """--config.api=nnx: the zoo's NNX ResNet-20 (the smoke config's quarter width), made int8 by jint8.nnx; a run
+  resumed from its step-4 checkpoint ends as the uninterrupted run did."""
+  flags = ('--config.api=nnx', '--config.model=resnet20', '--config.num_train_steps=8')
+  workdir, resumed = tmp_path / 'run', tmp_path / 'resumed'
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', *flags)
+  train = [r for r in metrics.read_records(workdir) if r['split'] == 'train']
+  # every conv but the stem is int8 (18 in the blocks, 2 shortcuts); the classifier stays float
+  layers = train[-1]['layers']
+  assert len(layers) == 20 and 'model/blocks/3/shortcut/conv' in layers and 'model/stem/conv' not in layers
+  for r in train:
+    assert np.isfinite(r['loss']) and r['nonfinite'] == 0
+    assert all(stats['grad_clip'] > 0 and 0 < stats['weight_levels'] <= 127 for stats in r['layers'].values())
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '8')
+  again = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={resumed}', *flags)
+  assert 'Resuming from the checkpoint at step 4' in again.stdout
+  assert _final(again.stdout) == _final(result.stdout)
+  strip = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'} for r in records]
+  assert strip(metrics.read_records(resumed)) == strip(metrics.read_records(workdir))
+
+
 def test_the_int8_train_steps_lower_to_the_same_program_in_every_process():
   # JAX's persistent compilation cache keys on the program: a program that depends on Python's hash seed (a set
   # iterated while tracing) would be recompiled by every run and every resume.
@@ -245,6 +267,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
     ('batch_size', 0, 'config.batch_size must be >= 1'),
     ('label_smoothing', 1.0, 'config.label_smoothing'),
     ('eval_every_steps', -1, 'config.eval_every_steps'),
+    ('api', 'haiku', "config.api must be one of \\('linen', 'nnx'\\), got 'haiku'"),
 ])
 def test_invalid_config_values_name_the_key(key, value, message):
   with pytest.raises(ValueError, match=message):
@@ -289,10 +312,13 @@ def test_invalid_int8_and_model_settings_name_the_key():
     trainer.validate_config(config)
   with pytest.raises(ValueError, match="config.model: unknown model 'resnet21'"):
     trainer.create_model(_config(model='resnet21'), 10)
-  config = _config()
-  config.model_kwargs.depth_multiplier = 2
-  with pytest.raises(ValueError, match='config.model_kwargs: .*depth_multiplier'):
-    trainer.create_model(config, 10)
+  with pytest.raises(ValueError, match="config.model: unknown NNX model 'mobilenet_v2'; valid: resnet20, resnet56"):
+    trainer.create_model(_config(model='mobilenet_v2', api='nnx'), 10)
+  for api in ('linen', 'nnx'):
+    config = _config(api=api)
+    config.model_kwargs.depth_multiplier = 2
+    with pytest.raises(ValueError, match='config.model_kwargs: .*depth_multiplier'):
+      trainer.create_model(config, 10)
 
 
 def test_training_mesh_checks_the_batch_sizes():
@@ -403,12 +429,13 @@ def test_multi_step_runs_the_steps_of_one_epoch_and_summarizes_them(rng):
   assert fp32 == ({'loss': 1.5, 'accuracy': 1.0}, {})
 
 
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
 @pytest.mark.parametrize('precision_name,traced', [('int8', [True, False]), ('fp32', [None])])
-def test_bind_train_step_traces_int8_steps_with_and_without_the_search(rng, precision_name, traced):
-  config = default.get_config()
-  config.precision = precision_name
+def test_bind_train_step_traces_int8_steps_with_and_without_the_search(rng, api, precision_name, traced):
+  config = _config(precision=precision_name, api=api)
   images = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
-  model = precision.apply_precision(TinyCNN(num_classes=3), config)
+  model = precision.apply_precision(trainer.create_model(config, 3) if api == 'nnx' else TinyCNN(num_classes=3),
+                                    config)
   variables = model.init(jax.random.PRNGKey(0), images, train=False)
   state = trainer.TrainState(step=jnp.int32(0), params=variables['params'], batch_stats=variables['batch_stats'],
                              int8_state=variables.get(STATE_COLLECTION, {}), opt_state=(), rng=jax.random.PRNGKey(1))
