@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = 'resnet20'  # a name in jint8.models.MODEL_NAMES
   config.model_kwargs = ml_collections.ConfigDict({'width': 1.0})  # more constructor arguments of the model
+  # 'linen', or 'nnx': the zoo's Flax NNX version of the model (resnet20, resnet56), made int8 by jint8.nnx
+  config.api = 'linen'
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'cifar10_jpeg'  # a name in jint8.input_pipeline.DATASETS

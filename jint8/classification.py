@@ -17,17 +17,24 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from flax import nnx
 
 from jint8 import input_pipeline, models, sharding
 from jint8.nn import ROUNDING_RNG
-from jint8.training import precision, run
+from jint8.training import nnx_bridge, precision, run
 from jint8.training.state import TrainState, augment_key, dropout_key, rounding_key
 from jint8.training.step import gradient_step, with_layer_stats
+
+
+# The Flax APIs of config.api: a Linen model, or a Flax NNX model run through jint8.training.nnx_bridge.
+APIS = ('linen', 'nnx')
 
 
 def validate_config(config: Any) -> None:
   """Raises a ValueError naming the first config key whose value is invalid."""
   run.validate_config(config, 'classification')
+  if config.api not in APIS:
+    raise ValueError(f'config.api must be one of {APIS}, got {config.api!r}')
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'config.label_smoothing must be in [0, 1), got {config.label_smoothing}')
 
@@ -35,22 +42,30 @@ def validate_config(config: Any) -> None:
 def create_model(config: Any, num_classes: int) -> nn.Module:
   """The model of ``config.model`` / ``config.model_kwargs`` in the compute dtype of ``config.precision``.
 
-  ``config.model`` is a name in ``jint8.models.MODEL_NAMES`` or ``"package.module:Factory"``, any callable
-  taking ``num_classes``, ``dtype`` and the ``model_kwargs`` (a model of your own).
+  ``config.model`` is a name in ``jint8.models.MODEL_NAMES`` (with ``config.api == "nnx"``: in
+  ``NNX_MODEL_NAMES``, the Flax NNX version, bridged into Linen by ``jint8.training.nnx_bridge``) or
+  ``"package.module:Factory"``, any callable taking ``num_classes``, ``dtype`` and the ``model_kwargs`` (a model of
+  your own; for NNX also ``rngs``).
   """
   kwargs = dict(num_classes=num_classes, dtype=precision.compute_dtype(config), **config.model_kwargs)
+  nnx_api = config.api == 'nnx'
+  names, zoo = (models.NNX_MODEL_NAMES, models.create_nnx_model) if nnx_api else (models.MODEL_NAMES,
+                                                                                 models.create_model)
   if ':' in config.model:
     module_name, name = config.model.split(':', 1)
     try:
       factory = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
       raise ValueError(f'config.model: cannot import {config.model!r}: {e}') from None
-  elif config.model in models.MODEL_NAMES:
-    factory = functools.partial(models.create_model, config.model)
+  elif config.model in names:
+    factory = functools.partial(zoo, config.model)
   else:
-    raise ValueError(f'config.model: unknown model {config.model!r}; valid: {", ".join(models.MODEL_NAMES)} '
-                     'or "package.module:Factory"')
+    raise ValueError(f'config.model: unknown {"NNX " if nnx_api else ""}model {config.model!r}; valid: '
+                     f'{", ".join(names)} or "package.module:Factory"')
   try:
+    if nnx_api:
+      nnx.eval_shape(lambda: factory(**kwargs, rngs=nnx.Rngs(0)))  # checks the kwargs, building nothing
+      return nnx_bridge.linen_model(functools.partial(factory, **kwargs))
     return factory(**kwargs)
   except TypeError as e:
     raise ValueError(f'config.model_kwargs: {e}') from None

@@ -101,6 +101,10 @@ class Int8Policy:
       except re.error as e:
         raise ValueError(f'Int8Policy.float_layers: bad regular expression {pattern!r}: {e}') from None
 
+  def names_float(self, path: str) -> bool:
+    """Whether a regular expression of ``float_layers`` matches the layer path ``path``."""
+    return any(re.search(pattern, path) for pattern in self.float_layers)
+
 
 def _is_depthwise(conv: nn.Conv, call_args, call_kwargs) -> bool:
   inputs = call_args[0] if call_args else call_kwargs['inputs']
@@ -137,8 +141,7 @@ class Int8Model(nn.Module):
       else:
         return next_fun(*call_args, **call_kwargs)
       name = '/'.join(module.path[len(self.path) + 1:])
-      if keep or getattr(module, attribute) is not None or any(
-          re.search(p, name) for p in self.policy.float_layers):
+      if keep or getattr(module, attribute) is not None or self.policy.names_float(name):
         return next_fun(*call_args, **call_kwargs)
       # Flax modules are frozen dataclasses: set the op class for the duration of this call only.
       object.__setattr__(module, attribute, functools.partial(op, config=self.config))

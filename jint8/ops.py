@@ -119,7 +119,8 @@ def _quantize_gradient(backend, g, stored_clip, seeds, config: Int8Config):
     clip = quant.safe_clip(stored_clip)
   if config.stochastic_rounding and seeds is None:
     raise ValueError(f'the gradient of an int8 layer (shape {g.shape}) needs the seeds of its stochastic rounding: '
-                     f'apply the model with rngs={{jint8.nn.ROUNDING_RNG: key}}, a new key every step')
+                     f'apply the model with rngs={{jint8.nn.ROUNDING_RNG: key}}, a new key every step (Linen), or '
+                     f'give jint8.nnx.to_int8 an nnx.Rngs with that stream (NNX)')
   gq = quant.quantize(g, clip, seeds=seeds if config.stochastic_rounding else None)
   return gq, clip, quant.deviation_sums(g, gq, clip)
 

@@ -17,28 +17,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 from jint8 import state as quant_state
 
-_Path = tuple[str, ...]
 
-
-def _kernel_scales(params: Any, int8_state: Any, alpha: float, beta: float) -> dict[_Path, jax.Array]:
+def _kernel_scales(params: Any, int8_state: Any, alpha: float, beta: float) -> dict[tuple, jax.Array]:
   """DCLR's scale for the ``kernel`` of each int8 layer, the sibling param of its op module: the op at
-  ``(..., "Conv_0", "Int8ConvGeneralDilated_0")`` scales ``params[..., "Conv_0", "kernel"]``."""
-  param_paths = set(traverse_util.flatten_dict(dict(params)))
-  layers = traverse_util.flatten_dict(dict(int8_state), is_leaf=lambda _, v: quant_state.is_layer(v))
+  ``(..., "Conv_0", "Int8ConvGeneralDilated_0")`` (Linen; ``(..., "conv", "conv_general_dilated")`` in NNX)
+  scales ``params[..., "Conv_0", "kernel"]``. Any pytree of mappings: dicts, FrozenDicts, ``nnx.State``."""
+  param_paths = set(quant_state.leaves_by_path(params))
   scales = {}
-  for op_path, layer in layers.items():
+  for op_path, layer in quant_state.leaves_by_path(int8_state, is_leaf=quant_state.is_layer).items():
+    op_name, kernel = quant_state.path_name(op_path), op_path[:-1] + ('kernel',)
     if not quant_state.is_layer(layer):
-      raise ValueError(f'deviation_counteractive_lr: int8_state/{"/".join(op_path)} is not an int8 layer state')
-    kernel = op_path[:-1] + ('kernel',)
+      raise ValueError(f'deviation_counteractive_lr: int8_state/{op_name} is not an int8 layer state')
     if kernel not in param_paths:
-      raise ValueError(f'deviation_counteractive_lr: int8 op {"/".join(op_path)} has no sibling param '
-                       f'{"/".join(kernel)} to scale')
+      raise ValueError(f'deviation_counteractive_lr: int8 op {op_name} has no sibling param '
+                       f'{quant_state.path_name(kernel)} to scale')
     if kernel in scales:
-      raise ValueError(f'deviation_counteractive_lr: two int8 ops share the param {"/".join(kernel)}')
+      raise ValueError(f'deviation_counteractive_lr: two int8 ops share the param {quant_state.path_name(kernel)}')
     # A layer not applied in the step (uses 0) keeps its update.
     deviation = jnp.where(layer['uses'] > 0, layer['grad_deviation'], 0.0)
     scales[kernel] = jnp.maximum(jnp.exp(-alpha * deviation), beta)
@@ -74,9 +71,12 @@ def deviation_counteractive_lr(alpha: float = 20.0, beta: float = 0.1) -> optax.
       raise ValueError('deviation_counteractive_lr needs the step\'s quantization state: call '
                        'tx.update(grads, opt_state, params, int8_state=new_int8_state)')
     scales = _kernel_scales(updates, int8_state, alpha, beta)
-    flat = traverse_util.flatten_dict(dict(updates))
-    flat = {path: (u * scales[path]).astype(u.dtype) if path in scales else u for path, u in flat.items()}
-    return type(updates)(traverse_util.unflatten_dict(flat)) if flat else updates, state
+
+    def scale(key_path, u):
+      path = quant_state.path_keys(key_path)
+      return (u * scales[path]).astype(u.dtype) if path in scales else u
+
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,10 +1,12 @@
 """The quantization state of an int8 layer, in one place.
 
-Each int8 op module keeps a ``QuantState`` (float32 arrays) in the Flax collection ``STATE_COLLECTION``. This
-module says what each field means, what the backward pass of one application returns for it (its cotangent),
-how the applications of a layer in one step combine, how the train step writes the new state (by overwriting,
-as flax's fp8 ops do with their ``_overwrite_with_gradient`` collection), when the DSGC search is due, and
-which fields are logged and how they summarise over steps.
+Each int8 op module keeps a ``QuantState`` (float32 arrays): in the Flax collection ``STATE_COLLECTION`` (Linen),
+as ``jint8.nnx.Int8State`` variables (NNX). A state tree nests the layers' field dicts by path (plain dicts,
+FrozenDicts or an ``nnx.State``; list items have int keys). This module says what each field means, what the
+backward pass of one application returns for it (its cotangent), how the applications of a layer in one step
+combine, how the train step writes the new state (by overwriting, as flax's fp8 ops do with their
+``_overwrite_with_gradient`` collection), when the DSGC search is due, and which fields are logged and how they
+summarise over steps.
 
 JAX sums the cotangents of a layer applied k times (a detection head shared across pyramid levels); ``uses``
 counts k, so ``update`` divides by it: clips, deviations and activation maxima get mean semantics,
@@ -19,7 +21,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from jint8 import quant
 
@@ -68,14 +69,37 @@ def is_layer(node: Any) -> bool:
   return isinstance(node, Mapping) and set(node) == set(FIELDS)
 
 
+def _plain_key(entry: Any) -> Any:
+  for attribute in ('key', 'idx', 'name'):  # jax.tree_util's DictKey, SequenceKey, GetAttrKey
+    if hasattr(entry, attribute):
+      return getattr(entry, attribute)
+  return entry
+
+
+def path_keys(key_path: tuple) -> tuple:
+  """The plain keys (dict keys, list indices, attribute names) of a ``jax.tree_util`` key path."""
+  return tuple(_plain_key(entry) for entry in key_path)
+
+
+def path_name(path: tuple) -> str:
+  """A path of keys as the layer names of logs and errors: ``"stage1/0/conv1"``."""
+  return '/'.join(str(k) for k in path)
+
+
+def leaves_by_path(tree: Any, is_leaf=None) -> dict[tuple, Any]:
+  """The leaves of any pytree of mappings (dicts, FrozenDicts, ``nnx.State``) keyed by their paths of keys."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {path_keys(path): leaf for path, leaf in leaves}
+
+
 def _layers(tree: Any) -> list[QuantState]:
   return [QuantState(**node) for node in jax.tree.leaves(tree, is_leaf=is_layer) if is_layer(node)]
 
 
 def _check(tree: Any, what: str) -> None:
-  for path, leaf in traverse_util.flatten_dict(dict(tree)).items() if tree else ():
+  for path in leaves_by_path(tree):
     if path[-1] not in FIELDS:
-      raise ValueError(f'{what}: {"/".join(path)} is not a field of an int8 layer state {list(FIELDS)}')
+      raise ValueError(f'{what}: {path_name(path)} is not a field of an int8 layer state {list(FIELDS)}')
 
 
 def update_layer(old: QuantState, cot: QuantState) -> QuantState:
@@ -137,12 +161,10 @@ DERIVED = {'grad_deviation_max': 'max', 'saturated_steps': 'sum', 'weight_levels
 def layer_stats(int8_state: Any, params: Any = None) -> dict[str, dict[str, jax.Array]]:
   """Per layer (keyed by its path), the ``LOGGED`` fields; with ``params``, also the ``weight_levels`` of each
   layer's ``kernel``."""
-  stats = {}
-  for path, node in traverse_util.flatten_dict(dict(int8_state), is_leaf=lambda _, v: is_layer(v)).items():
-    stats['/'.join(path[:-1])] = {f: node[f] for f in LOGGED}
+  stats = {path_name(path[:-1]): {f: node[f] for f in LOGGED}
+           for path, node in leaves_by_path(int8_state, is_leaf=is_layer).items()}
   if params is not None:
-    kernels = {'/'.join(path[:-1]): value for path, value in traverse_util.flatten_dict(dict(params)).items()
-               if path[-1] == 'kernel'}
+    kernels = {path_name(path[:-1]): value for path, value in leaves_by_path(params).items() if path[-1] == 'kernel'}
     for name, layer in stats.items():
       if name in kernels:
         layer['weight_levels'] = weight_levels(kernels[name])

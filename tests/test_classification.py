@@ -89,6 +89,7 @@ def test_every_seed_runs_one_int8_program_and_rounds_with_its_seed(rng, monkeypa
     ('batch_size', 0, 'config.batch_size must be >= 1'),
     ('label_smoothing', 1.0, 'config.label_smoothing'),
     ('eval_every_steps', -1, 'config.eval_every_steps'),
+    ('api', 'haiku', "config.api must be one of \\('linen', 'nnx'\\), got 'haiku'"),
 ])
 def test_invalid_config_values_name_the_key(key, value, message):
   with pytest.raises(ValueError, match=message):
@@ -133,10 +134,13 @@ def test_invalid_int8_and_model_settings_name_the_key():
     classification.validate_config(config)
   with pytest.raises(ValueError, match="config.model: unknown model 'resnet21'"):
     classification.create_model(tiny.config(model='resnet21'), 10)
-  config = tiny.config()
-  config.model_kwargs.depth_multiplier = 2
-  with pytest.raises(ValueError, match='config.model_kwargs: .*depth_multiplier'):
-    classification.create_model(config, 10)
+  with pytest.raises(ValueError, match="config.model: unknown NNX model 'mobilenet_v2'; valid: resnet20, resnet56"):
+    classification.create_model(tiny.config(model='mobilenet_v2', api='nnx'), 10)
+  for api in ('linen', 'nnx'):
+    config = tiny.config(api=api)
+    config.model_kwargs.depth_multiplier = 2
+    with pytest.raises(ValueError, match='config.model_kwargs: .*depth_multiplier'):
+      classification.create_model(config, 10)
 
 
 def test_create_model_uses_the_precision_dtype():

@@ -19,7 +19,7 @@ LAYERS = (
     ('jint8.backend',),  # the integer backends' interface, the XLA reference, the registry
     ('jint8.pallas',),  # the Pallas GPU kernels and their backend
     ('jint8.ops',),
-    ('jint8.nn',),
+    ('jint8.nn', 'jint8.nnx'),
     ('jint8.optim',),
     ('jint8',),  # the package itself: import jint8
     ('jint8.models',),

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from flax import nnx
 from flax import traverse_util
 
-from jint8.models import MODEL_NAMES, ResNetBackbone, ResNetCifar, create_model
+from jint8.models import MODEL_NAMES, ResNetBackbone, ResNetCifar, create_model, create_nnx_model
 from jint8.models.common import conv_kernel_init
 from jint8.models.mobilenet_v2 import MobileNetV2
 
@@ -234,3 +235,42 @@ def test_int8_model_converts_every_conv_but_the_first():
   # The int8 forward stays close to the float model run on the same variables.
   error = np.linalg.norm(int8_logits - float_logits) / np.linalg.norm(float_logits)
   assert 0 < error < 0.1
+
+
+def _nnx_path(linen_path):
+  """The NNX ResNetCifar's name of a Linen ResNetCifar variable: ConvBN_0/Conv_0 is stem/conv, BasicBlock_3/ConvBN_1
+  is blocks/3/conv2, Dense_0 is classifier."""
+  renames = {'ConvBN_0': 'stem', 'Dense_0': 'classifier', 'Conv_0': 'conv', 'BatchNorm_0': 'bn'}
+  path = []
+  for i, name in enumerate(linen_path):
+    if name.startswith('BasicBlock_'):
+      path += ['blocks', int(name.split('_')[1])]
+    elif i > 0 and linen_path[i - 1].startswith('BasicBlock_') and name.startswith('ConvBN_'):
+      path.append(f'conv{int(name.split("_")[1]) + 1}')
+    else:
+      path.append(renames.get(name, name))
+  return tuple(path)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_the_nnx_resnet_cifar_is_the_linen_network(train):
+  linen = create_model('resnet20', num_classes=7, width=0.25)
+  x = _images(2, 4, 8)
+  variables = _random_variables(linen, x)
+  model = create_nnx_model('resnet20', num_classes=7, width=0.25, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param, nnx.BatchStat)
+  pure = [nnx.to_pure_dict(s) for s in state]
+  for collection, tree in zip(('params', 'batch_stats'), pure):
+    flat = traverse_util.flatten_dict(variables[collection])
+    assert len(flat) == len(jax.tree.leaves(tree))
+    for linen_path, value in flat.items():
+      node = tree
+      for key in _nnx_path(linen_path)[:-1]:
+        node = node[key]
+      assert node[_nnx_path(linen_path)[-1]].shape == value.shape, linen_path
+      node[_nnx_path(linen_path)[-1]] = value
+  for s, p in zip(state, pure):
+    nnx.replace_by_pure_dict(s, p)
+  nnx.update(model, *state)
+  expected = linen.apply(variables, x, train=train, mutable=['batch_stats'])[0]
+  np.testing.assert_allclose(model(x, train), expected, rtol=1e-5, atol=1e-5)

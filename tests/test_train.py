@@ -136,6 +136,28 @@ def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, t
     assert b['accuracy'] == pytest.approx(a['accuracy'], abs=0.021)  # 2 of 100 test images
 
 
+def test_an_nnx_resnet20_trains_and_resumes_bit_exactly(cifar_subset, cache_dir, tmp_path):
+  """--config.api=nnx: the zoo's NNX ResNet-20 (the smoke config's quarter width), made int8 by jint8.nnx; a run
+  resumed from its step-4 checkpoint ends as the uninterrupted run did."""
+  flags = ('--config.api=nnx', '--config.model=resnet20', '--config.num_train_steps=8')
+  workdir, resumed = tmp_path / 'run', tmp_path / 'resumed'
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', *flags)
+  train = [r for r in metrics.read_records(workdir) if r['split'] == 'train']
+  # every conv but the stem is int8 (18 in the blocks, 2 shortcuts); the classifier stays float
+  layers = train[-1]['layers']
+  assert len(layers) == 20 and 'model/blocks/3/shortcut/conv' in layers and 'model/stem/conv' not in layers
+  for r in train:
+    assert np.isfinite(r['loss']) and r['nonfinite'] == 0
+    assert all(stats['grad_clip'] > 0 and 0 < stats['weight_levels'] <= 127 for stats in r['layers'].values())
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '8')
+  again = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={resumed}', *flags)
+  assert 'Resuming from the checkpoint at step 4' in again.stdout
+  assert _final(again.stdout) == _final(result.stdout)
+  strip = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'} for r in records]
+  assert strip(metrics.read_records(resumed)) == strip(metrics.read_records(workdir))
+
+
 def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
   process = subprocess.run(
       [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',

@@ -19,9 +19,11 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from flax import nnx
 
 from jint8 import backend, optim
 from jint8.nn import Int8Config, Int8Model, Int8Policy
+from jint8.training import nnx_bridge
 
 PRECISIONS = ('fp32', 'bf16', 'int8')
 _COMPUTE_DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
@@ -91,9 +93,12 @@ def int8_policy(config: Any) -> Int8Policy:
 
 
 def apply_precision(model: nn.Module, config: Any) -> nn.Module:
-  """``model`` itself for fp32 / bf16 (build it with ``compute_dtype``), its ``Int8Model`` for int8."""
+  """``model`` itself for fp32 / bf16 (build it with ``compute_dtype``), its ``Int8Model`` for int8 (for an NNX
+  model bridged by ``jint8.training.nnx_bridge.linen_model``, its ``Int8NnxModel``)."""
   if config.precision != 'int8':
     return model
+  if isinstance(model, nnx.bridge.ToLinen):
+    return nnx_bridge.Int8NnxModel(model.nnx_class, config=int8_config(config), policy=int8_policy(config))
   return Int8Model(model, config=int8_config(config), policy=int8_policy(config))
 
 
