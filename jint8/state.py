@@ -34,7 +34,7 @@ class QuantState(NamedTuple):
 
   grad_clip: jax.Array         # DSGC clip of the incoming gradient; 0: none yet, searched on the next step
   grad_deviation: jax.Array    # cosine deviation of the last quantized gradient from the gradient
-  input_clip: jax.Array        # the activation clip of the last forward
+  input_clip: jax.Array        # the delayed activation clip: the largest of input_amax (update derives it)
   input_amax: jax.Array        # [history] max|x| of the activations of the last steps, newest first
   input_saturation: jax.Array  # max|x| / clip in the last forward: above 1, values beyond the clip saturated
   nonfinite: jax.Array         # 1 when the last gradient held inf or nan
@@ -49,16 +49,17 @@ class QuantState(NamedTuple):
   @classmethod
   def cotangent(cls, *, grad_clip, grad_deviation, input_clip, input_amax, nonfinite, history: int
                 ) -> 'QuantState':
-    """What one application's backward pass returns: the values it used and measured (``uses`` 1)."""
+    """What one application's backward pass returns: the values it used and measured (``uses`` 1).
+    ``input_clip`` is the activation clip it used: its cotangent is the saturation, the field's is 0."""
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     amax = f32(input_amax)
-    return cls(f32(grad_clip), f32(grad_deviation), f32(input_clip),
+    return cls(f32(grad_clip), f32(grad_deviation), jnp.zeros((), jnp.float32),
                jnp.zeros((history,), jnp.float32).at[0].set(amax), amax / quant.safe_clip(input_clip),
                f32(nonfinite), jnp.ones((), jnp.float32))
 
   def delayed_input_clip(self) -> jax.Array:
-    """The activation clip from the history: the largest max|x| of the last steps."""
-    return quant.safe_clip(jnp.max(self.input_amax))
+    """The activation clip between searches: the largest max|x| of the last steps (``input_clip``)."""
+    return quant.safe_clip(self.input_clip)
 
 
 FIELDS = QuantState._fields
@@ -92,8 +93,15 @@ def leaves_by_path(tree: Any, is_leaf=None) -> dict[tuple, Any]:
   return {path_keys(path): leaf for path, leaf in leaves}
 
 
-def _layers(tree: Any) -> list[QuantState]:
-  return [QuantState(**node) for node in jax.tree.leaves(tree, is_leaf=is_layer) if is_layer(node)]
+def _stacked(tree: Any) -> tuple[list[dict], Any, QuantState | None]:
+  """The layer dicts of a state tree (in flattening order), its treedef, and their fields stacked along a new
+  leading axis (``None`` without layers, or when the layers' histories differ in length)."""
+  layers, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_layer)
+  layers = [layer for layer in layers if is_layer(layer)]
+  if not layers or len({jnp.shape(layer['input_amax']) for layer in layers}) > 1:
+    return layers, treedef, None
+  return layers, treedef, QuantState(*(jnp.stack([jnp.asarray(layer[f], jnp.float32) for layer in layers])
+                                       for f in FIELDS))
 
 
 def _check(tree: Any, what: str) -> None:
@@ -102,24 +110,29 @@ def _check(tree: Any, what: str) -> None:
       raise ValueError(f'{what}: {path_name(path)} is not a field of an int8 layer state {list(FIELDS)}')
 
 
-def update_layer(old: QuantState, cot: QuantState) -> QuantState:
-  """One layer's state after a step, from the sum ``cot`` of its applications' cotangents."""
+def update_layers(old: QuantState, cot: QuantState) -> QuantState:
+  """Layers' states after a step, from the sums ``cot`` of their applications' cotangents: one layer's, or the
+  fields of many stacked along a leading axis (``update`` stacks a model's layers, so that the update is a few
+  vector operations instead of a few kernels per layer)."""
   uses = cot.uses
-  nonfinite = (cot.nonfinite > 0) | ~jnp.all(jnp.asarray([jnp.all(jnp.isfinite(v)) for v in cot]))
+  finite = (jnp.isfinite(cot.grad_clip) & jnp.isfinite(cot.grad_deviation) & jnp.isfinite(cot.input_saturation)
+            & jnp.all(jnp.isfinite(cot.input_amax), axis=-1))
+  nonfinite = (cot.nonfinite > 0) | ~finite
   write = (uses > 0) & ~nonfinite
   n = jnp.maximum(uses, 1.0)
   mean = lambda new, before: jnp.where(write, new / n, before)
-  history = jnp.concatenate([cot.input_amax[:1] / n, old.input_amax[:-1]])
+  history = jnp.concatenate([cot.input_amax[..., :1] / n[..., None], old.input_amax[..., :-1]], axis=-1)
+  history = jnp.where(write[..., None], history, old.input_amax)
   return QuantState(grad_clip=mean(cot.grad_clip, old.grad_clip),
                     grad_deviation=mean(cot.grad_deviation, old.grad_deviation),
-                    input_clip=mean(cot.input_clip, old.input_clip),
-                    input_amax=jnp.where(write, history, old.input_amax),
+                    input_clip=jnp.max(history, axis=-1), input_amax=history,
                     input_saturation=mean(cot.input_saturation, old.input_saturation),
                     nonfinite=nonfinite.astype(jnp.float32), uses=uses)
 
 
 def update(int8_state: Any, cotangents: Any) -> Any:
-  """The state tree after a step: each layer overwritten from its summed cotangents (``update_layer``).
+  """The state tree after a step: each layer overwritten from its summed cotangents (``update_layers``, on all
+  layers at once).
 
   ``cotangents`` is the gradient of the loss with respect to ``int8_state`` (what the int8 backward passes
   returned), of the same structure.
@@ -128,23 +141,26 @@ def update(int8_state: Any, cotangents: Any) -> Any:
   _check(cotangents, f'{STATE_COLLECTION} cotangents')
   if jax.tree.structure(int8_state) != jax.tree.structure(cotangents):
     raise ValueError(f'{STATE_COLLECTION} and its cotangents differ in structure')
-  return jax.tree.map(lambda old, cot: update_layer(QuantState(**old), QuantState(**cot))._asdict(),
-                      int8_state, cotangents, is_leaf=is_layer)
+  olds, treedef, old = _stacked(int8_state)
+  _, _, cot = _stacked(cotangents)
+  if old is None:  # no layers, or histories of different lengths: layer by layer
+    return jax.tree.map(lambda o, c: update_layers(QuantState(**o), QuantState(**c))._asdict(),
+                        int8_state, cotangents, is_leaf=is_layer)
+  new = update_layers(old, cot)
+  return treedef.unflatten([{f: getattr(new, f)[i] for f in FIELDS} for i in range(len(olds))])
 
 
 def search_due(int8_state: Any, step: jax.Array, period: int, *, dsgc: bool = True,
                delayed_input_clip: bool = True) -> jax.Array:
   """True when the next step must run the DSGC search code: every ``period`` steps from step 0, and whenever a
-  layer lacks a clip that the search provides (a gradient clip with ``dsgc``, an activation history with
+  layer lacks a clip that the search provides (a gradient clip with ``dsgc``, an activation clip with
   ``delayed_input_clip``): before its first step, after a search that saw an all-zero gradient."""
   _check(int8_state, STATE_COLLECTION)
   due = jnp.asarray(step) % period == 0
-  for layer in _layers(int8_state):
-    if dsgc:
-      due |= layer.grad_clip <= 0
-    if delayed_input_clip:
-      due |= jnp.max(layer.input_amax) <= 0
-  return due
+  layers, _, _ = _stacked(int8_state)
+  clips = ([layer['grad_clip'] for layer in layers] if dsgc else []) + (
+      [layer['input_clip'] for layer in layers] if delayed_input_clip else [])
+  return due | jnp.any(jnp.stack(clips) <= 0) if clips else due
 
 
 # ---------------------------------------------------------------------------------------------------------

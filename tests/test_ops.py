@@ -133,11 +133,11 @@ def test_state_cotangent_search_and_reuse(rng, refine):
   assert 0 < float(searched.grad_deviation) < 0.1
   # A search step clips activations at this step's max-abs: no saturation.
   amax = np.abs(x).max()
-  assert float(searched.input_clip) == float(searched.input_amax[0]) == amax
+  assert float(searched.input_amax[0]) == amax and float(searched.input_clip) == 0.0  # update derives the clip
   assert float(searched.input_saturation) == 1.0 and not np.any(np.asarray(searched.input_amax[1:]))
   # Between searches the stored clip is used as it is, and the deviation is still measured.
   reused, _ = _conv_cotangent(x, w, g, Int8Config(refine=refine, searches=False),
-                              _state(grad_clip=0.123, input_amax=np.full(16, amax)))
+                              _state(grad_clip=0.123, input_clip=amax, input_amax=np.full(16, amax)))
   np.testing.assert_allclose(float(reused.grad_clip), 0.123, rtol=1e-6)
   assert float(reused.grad_deviation) > 0
 
@@ -151,14 +151,15 @@ def test_the_op_quantizes_with_jint8_quant_bit_for_bit(rng):
   history = np.abs(x).max() * rng.uniform(0.5, 0.9, size=16).astype(np.float32)  # a stale clip: saturates
   seeds = _seeds(rng)
   config = Int8Config(searches=False)
-  cot, dw = _conv_cotangent(x, w, g, config, _state(grad_clip=0.02, input_amax=history), seeds)
+  cot, dw = _conv_cotangent(x, w, g, config, _state(grad_clip=0.02, input_clip=history.max(), input_amax=history),
+                            seeds)
   cx, cg = quant.safe_clip(history.max()), jnp.float32(0.02)
   xq, gq = quant.quantize(jnp.asarray(x), cx), quant.quantize(jnp.asarray(g), cg, seeds=seeds)
   geometry = backend_lib.ConvGeometry((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
   expected = XLA.conv_wgrad(xq, gq, geometry, (3, 3), cx * cg / 127 ** 2)
   np.testing.assert_array_equal(np.asarray(dw), np.asarray(expected))
   # The side outputs equal separate reductions: max|x| (exact), the deviation (float64 reference).
-  assert float(cot.input_amax[0]) == np.abs(x).max() and float(cot.input_clip) == float(cx)
+  assert float(cot.input_amax[0]) == np.abs(x).max()
   assert float(cot.input_saturation) == pytest.approx(np.abs(x).max() / float(cx), rel=1e-6) and cot.input_saturation > 1
   g64, q64 = g.astype(np.float64).ravel(), np.asarray(gq, np.float64).ravel()
   np.testing.assert_allclose(float(cot.grad_deviation), 1 - g64 @ q64 / np.linalg.norm(g64) / np.linalg.norm(q64),
@@ -173,7 +174,8 @@ def test_a_clip_searched_on_an_all_zero_gradient_is_no_clip(rng):
   assert float(searched.grad_clip) == 0.0  # so the next step searches again
   assert float(searched.grad_deviation) == 0.0 and float(searched.nonfinite) == 0.0
   assert not np.any(np.asarray(dw))
-  steady, _ = _conv_cotangent(x, w, zero, Int8Config(searches=False), _state(grad_clip=0.5, input_amax=np.ones(16)))
+  steady, _ = _conv_cotangent(x, w, zero, Int8Config(searches=False),
+                              _state(grad_clip=0.5, input_clip=1.0, input_amax=np.ones(16)))
   assert float(steady.grad_clip) == 0.5  # a stored clip stays
 
 
@@ -193,7 +195,7 @@ def test_differentiating_without_rounding_seeds_is_an_error(rng):
 def test_nonfinite_gradient_is_reported_not_quantized(rng):
   x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
-  state = _state(grad_clip=0.5, grad_deviation=0.01, input_amax=np.full(16, 3.0))
+  state = _state(grad_clip=0.5, grad_deviation=0.01, input_clip=3.0, input_amax=np.full(16, 3.0))
   for config in (Int8Config(), Int8Config(searches=False)):
     f = lambda x, w, s: ops.int8_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_dims(2),
                                                       state=s, seeds=SEEDS[0], config=config)
@@ -259,8 +261,8 @@ def test_delayed_input_clip_is_the_largest_of_the_history(rng):
   for config, clip in ((Int8Config(searches=False), history.max()),              # between searches: delayed
                        (Int8Config(), np.abs(x).max()),                          # search step: exact
                        (Int8Config(input_clip='maxabs', searches=False), np.abs(x).max())):  # always exact
-    _, residuals = ops._conv_fwd(jnp.asarray(x), jnp.asarray(w), _state(input_amax=history), SEEDS[0], geometry,
-                                 config)
+    _, residuals = ops._conv_fwd(jnp.asarray(x), jnp.asarray(w), _state(input_clip=history.max(), input_amax=history),
+                                 SEEDS[0], geometry, config)
     xq, _, cx = residuals[:3]
     assert float(cx) == clip
     np.testing.assert_array_equal(np.asarray(xq), np.asarray(quant.quantize(jnp.asarray(x), clip)))
@@ -272,12 +274,14 @@ def test_a_trace_without_searches_uses_the_stored_clips(rng):
   x = (rng.standard_t(2.0, size=(2, 6, 6, 3))).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
   g = (rng.standard_t(2.0, size=(2, 6, 6, 4)) * 1e-3).astype(np.float32)
-  state = _state(grad_clip=0.123, input_amax=np.full(16, 0.75))
+  state = _state(grad_clip=0.123, input_clip=0.75, input_amax=np.full(16, 0.75))
+  amax = np.abs(x).max()
   steady, _ = _conv_cotangent(x, w, g, Int8Config(searches=False), state)
-  assert float(steady.grad_clip) == pytest.approx(0.123) and float(steady.input_clip) == pytest.approx(0.75)
+  assert float(steady.grad_clip) == pytest.approx(0.123)
+  assert float(steady.input_saturation) == pytest.approx(amax / 0.75, rel=1e-6)  # clipped at the stored 0.75
   searched, _ = _conv_cotangent(x, w, g, Int8Config(), state)
   np.testing.assert_allclose(float(searched.grad_clip), float(quant.dsgc_search(jnp.asarray(g)).clip), rtol=1e-6)
-  assert float(searched.input_clip) == np.abs(x).max()
+  assert float(searched.input_saturation) == 1.0 and float(searched.input_amax[0]) == amax  # clipped at max|x|
 
 
 def _depthwise_conv(config, case):

@@ -22,8 +22,9 @@ def f32(x):
 def make_state(rng):
   """A state tree of three layers with random stored values."""
   def layer():
-    return QuantState(f32(rng.uniform(0.5, 2)), f32(rng.uniform(0, 0.2)), f32(rng.uniform(1, 4)),
-                      f32(rng.uniform(1, 4, size=HISTORY)), f32(rng.uniform(0.5, 1)), f32(0), f32(1))._asdict()
+    history = rng.uniform(1, 4, size=HISTORY)
+    return QuantState(f32(rng.uniform(0.5, 2)), f32(rng.uniform(0, 0.2)), f32(history.max()), f32(history),
+                      f32(rng.uniform(0.5, 1)), f32(0), f32(1))._asdict()
   return merge(*[nested(path + (OP,), layer()) for path in LAYERS])
 
 
@@ -54,12 +55,14 @@ def test_update_writes_the_mean_over_applications_and_keeps_unused_layers(rng):
       for f in ('grad_clip', 'grad_deviation', 'input_clip', 'input_saturation', 'input_amax'):
         np.testing.assert_array_equal(np.asarray(layer[f]), np.asarray(old[f]))
       continue
-    for f in ('grad_clip', 'grad_deviation', 'input_clip', 'input_saturation'):
+    for f in ('grad_clip', 'grad_deviation', 'input_saturation'):
       np.testing.assert_allclose(float(layer[f]), np.mean([float(getattr(c, f)) for c in cots]), rtol=1e-5)
-    # the history shifts by one: this step's mean max-abs first, the oldest value dropped
+    # the history shifts by one: this step's mean max-abs first, the oldest value dropped; the delayed clip is
+    # its largest value
     amax = np.mean([float(c.input_amax[0]) for c in cots])
-    np.testing.assert_allclose(np.asarray(layer['input_amax']),
-                               np.concatenate([[amax], np.asarray(old['input_amax'])[:-1]]), rtol=1e-6)
+    history = np.concatenate([[amax], np.asarray(old['input_amax'])[:-1]])
+    np.testing.assert_allclose(np.asarray(layer['input_amax']), history, rtol=1e-6)
+    np.testing.assert_allclose(float(layer['input_clip']), history.max(), rtol=1e-6)
     assert all(v.dtype == jnp.float32 for v in layer.values())
 
 
@@ -70,8 +73,9 @@ def test_update_overwrites_exactly(rng):
   cot = merge(*[nested(path + (OP,), c._asdict()) for path, c in cots.items()])
   new = quant_state.update(state, cot)
   for path, c in cots.items():
-    for f in ('grad_clip', 'grad_deviation', 'input_clip', 'input_saturation'):
+    for f in ('grad_clip', 'grad_deviation', 'input_saturation'):
       assert float(get(new, path + (OP, f))) == float(getattr(c, f))
+    assert float(get(new, path + (OP, 'input_clip'))) == float(jnp.max(get(new, path + (OP, 'input_amax'))))
 
 
 @pytest.mark.parametrize('cause', ['reported', 'nan_value'])
@@ -108,7 +112,7 @@ def test_search_due_every_period_and_while_a_clip_is_missing(rng):
   no_grad_clip = merge(state, nested(LAYERS[0] + (OP, 'grad_clip'), f32(0)))
   assert bool(quant_state.search_due(no_grad_clip, 4, 3))
   assert not bool(quant_state.search_due(no_grad_clip, 4, 3, dsgc=False))  # max|g| every step: no search
-  no_history = merge(state, nested(LAYERS[2] + (OP, 'input_amax'), jnp.zeros(HISTORY)))
+  no_history = merge(state, nested(LAYERS[2] + (OP,), {'input_amax': jnp.zeros(HISTORY), 'input_clip': f32(0)}))
   assert bool(quant_state.search_due(no_history, 4, 3))
   assert not bool(quant_state.search_due(no_history, 4, 3, delayed_input_clip=False))
   fresh = merge(*[nested(path + (OP,), QuantState.initial(HISTORY)._asdict()) for path in LAYERS])
