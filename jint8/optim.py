@@ -90,7 +90,9 @@ def skip_nonfinite_steps(inner: optax.GradientTransformation) -> optax.GradientT
   inner = optax.with_extra_args_support(inner)
 
   def update_fn(updates, state, params=None, **extra_args):
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    # one reduction over all leaves (XLA fuses the concatenation into it), not one kernel per parameter
+    leaves = jax.tree.leaves(updates)
+    finite = jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(u) for u in leaves]))) if leaves else True
     new_updates, new_state = inner.update(updates, state, params, **extra_args)
     keep = lambda new, old: jnp.where(finite, new, old)
     return (jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates),
