@@ -23,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'cifar10_jpeg'  # a name in jint8.input_pipeline.DATASETS
-  config.dataset.archive = ''  # the archive or its folder; '' searches $JINT8_DATA_DIR, then ../shared/data
+  # The archive or its folder; '' searches $JINT8_DATA_DIR, then ../shared/data. Data prepared before (data_dir) must
+  # have come from the archive named here (its size and SHA-256 are recorded): another one is an error
+  config.dataset.archive = ''
   config.dataset.data_dir = ''  # where tfds caches the prepared dataset; '' is $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.dataset.max_train_examples = 0  # > 0: use only the first N training examples (tiny runs)
   config.dataset.max_test_examples = 0
