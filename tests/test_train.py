@@ -1,5 +1,5 @@
 """train.py end to end: a run's metrics, checkpoints and plots, resume after SIGKILL, a corrupt checkpoint, 4
-devices, an unknown config key.
+devices, and a bad input of each kind ending in one line.
 
 The runs use configs/smoke.py with the small CNN of ``tiny.py`` (``--config.model=tiny:TinyCNN``) on a few
 hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
@@ -8,6 +8,7 @@ hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from jint8.training import metrics
-from test_datasets import cifar_subset  # noqa: F401  (session fixture)
+from test_datasets import _write_tar, cifar_subset  # noqa: F401  (session fixture)
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,8 +33,9 @@ RUN_FLAGS = ('--config.model=tiny:TinyCNN', f'--config.num_train_steps={NUM_STEP
              '--config.log_every_steps=4', '--config.eval_every_steps=8', '--config.checkpoint_every_steps=4')
 
 
-def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None):
-  """Runs train.py with the smoke config on the test data; returns the CompletedProcess (or the Popen)."""
+def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None, status=0):
+  """Runs train.py with the smoke config on the test data; returns the CompletedProcess, which must end with
+  ``status`` (or the Popen)."""
   env = dict(os.environ, PYTHONPATH=f'{REPO}{os.pathsep}{REPO / "tests"}', JAX_PLATFORMS='cpu',
              JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
@@ -44,8 +46,15 @@ def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None):
   if background_log is not None:
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=background_log, stderr=subprocess.STDOUT)
   result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
   return result
+
+
+def _error_line(result) -> str:
+  """The one line a failed run ends with; nothing else on stderr but progress and warning lines, no traceback."""
+  output = result.stdout + result.stderr
+  assert 'Traceback' not in output and not re.search(r'^\w+(Error|Exception):', output, re.M), output[-3000:]
+  return result.stderr.strip().splitlines()[-1]
 
 
 def _final(stdout: str) -> dict[str, float]:
@@ -158,9 +167,52 @@ def test_an_nnx_resnet20_trains_and_resumes_bit_exactly(cifar_subset, cache_dir,
   assert strip(metrics.read_records(resumed)) == strip(metrics.read_records(workdir))
 
 
-def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
+BAD_INPUTS = {
+    'unknown key': (('--config.optimizer.learning_rat=0.1',),
+                    'error: --config.optimizer.learning_rat: the config has no key optimizer.learning_rat '
+                    '(Did you mean "learning_rate" instead of "learning_rat"?)'),
+    'wrong type': (('--config.batch_size=abc',),
+                   "error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+    'unknown model': (('--config.model=resnet99',), "error: config.model: unknown model 'resnet99'; valid: "),
+    'unknown precision': (('--config.precision=int4',),
+                          "error: config.precision: unknown precision 'int4'; valid: ('fp32', 'bf16', 'int8')"),
+    'missing archive': (('--config.dataset.archive={tmp}/missing.tar.gz',),
+                        'error: config.dataset.archive: {tmp}/missing.tar.gz is neither cifar10-jpg.tar.gz nor a '
+                        'folder holding it (the data prepared in '),
+    'missing archive, nothing prepared': (('--config.dataset.archive={tmp}/missing.tar.gz',
+                                           '--config.dataset.data_dir={tmp}/tfds'),
+                                          "error: data archive 'cifar10-jpg.tar.gz' not found; tried: "
+                                          '{tmp}/missing.tar.gz/cifar10-jpg.tar.gz.'),
+    'foreign archive': (('--config.dataset.archive={tmp}/foreign.tar.gz',),
+                        'error: config.dataset.archive: {tmp}/foreign.tar.gz is not the archive that the data '
+                        'prepared in '),
+    'foreign archive, nothing prepared': (('--config.dataset.archive={tmp}/foreign.tar.gz',
+                                           '--config.dataset.data_dir={tmp}/tfds'),
+                                          'error: the CIFAR-10 archive {tmp}/foreign.tar.gz holds no images'),
+    'empty archive': (('--config.dataset.archive={tmp}/empty.tar.gz', '--config.dataset.data_dir={tmp}/tfds'),
+                      'error: cannot read the CIFAR-10 archive {tmp}/empty.tar.gz'),
+    'truncated archive': (('--config.dataset.archive={tmp}/cut.tar.gz', '--config.dataset.data_dir={tmp}/tfds'),
+                          'error: cannot read the CIFAR-10 archive {tmp}/cut.tar.gz'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_a_bad_input_ends_in_one_line(cifar_subset, cache_dir, tmp_path, case):
+  (tmp_path / 'file').write_text('not a folder\n')
+  (tmp_path / 'empty.tar.gz').write_bytes(b'')
+  data = cifar_subset.archive.read_bytes()
+  (tmp_path / 'cut.tar.gz').write_bytes(data[:len(data) // 2])
+  _write_tar(tmp_path / 'foreign.tar.gz', {'JPEGImages/0.jpg': data[:100]})
+  flags, message = BAD_INPUTS[case]
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={tmp_path / "run"}',
+                *[f.format(tmp=tmp_path) for f in flags], status=1)
+  assert _error_line(result).startswith(message.format(tmp=tmp_path))
+  assert not (tmp_path / 'run').exists()  # nothing written
+
+
+def test_verbose_shows_the_traceback(tmp_path):
   process = subprocess.run(
-      [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',
-       '--config.optimizer.learning_rat=0.1'], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, PYTHONPATH=str(REPO)))
-  assert process.returncode != 0 and 'learning_rat' in process.stderr
+      [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}', '--config.precision=int4',
+       '--verbose', f'--workdir={tmp_path / "run"}'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu'))
+  assert process.returncode == 1 and 'Traceback' in process.stderr and "unknown precision 'int4'" in process.stderr
