@@ -2,8 +2,9 @@
 
   python train.py --config configs/resnet.py [--workdir runs/resnet20] [--config.precision=fp32 ...]
 
-Without --workdir the run goes to runs/<config file name>-<precision>. A workdir holding checkpoints resumes.
-The config's `task` picks the task (a module on the framework jint8.training) whose train_and_evaluate runs.
+Without --workdir the run goes to runs/<config file name>-<precision>. A workdir holding checkpoints resumes, if
+its recorded config (config.json) is this one (--allow_config_change resumes it anyway). The config's `task` picks
+the task (a module on the framework jint8.training) whose train_and_evaluate runs.
 
 A bad input (config value, data file, workdir) ends the run with one line naming it and exit status 1; --verbose
 (or JINT8_VERBOSE=1) also prints the traceback.
@@ -37,6 +38,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and plots '
                     '(default: runs/<config name>-<precision>).')
+flags.DEFINE_bool('allow_config_change', False, 'Resume a workdir whose recorded config (config.json) differs from '
+                  'this one; its checkpoints must still fit the model.')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-process runs; also '
                   'JINT8_MULTIHOST=1).')
 flags.DEFINE_bool('verbose', False, f'On an error, print its traceback too (also {VERBOSE_ENV}=1).')
@@ -95,7 +98,8 @@ def run(config_path: str, config) -> None:
   if workdir is None:
     workdir = default_workdir(config_path, config)
     print(f'No --workdir given: using {workdir}', flush=True)
-  importlib.import_module(TASKS[task]).train_and_evaluate(config, workdir)
+  importlib.import_module(TASKS[task]).train_and_evaluate(config, workdir,
+                                                          allow_config_change=FLAGS.allow_config_change)
 
 
 def main(argv):

@@ -1,5 +1,5 @@
-"""train.py end to end: a run's metrics, checkpoints and plots, resume after SIGKILL, a corrupt checkpoint, 4
-devices, and a bad input of each kind ending in one line.
+"""train.py end to end: a run's metrics, checkpoints and plots, resume after SIGKILL, a corrupt checkpoint, a
+resume with another config, 4 devices, and a bad input of each kind ending in one line.
 
 The runs use configs/smoke.py with the small CNN of ``tiny.py`` (``--config.model=tiny:TinyCNN``) on a few
 hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
@@ -55,6 +55,11 @@ def _error_line(result) -> str:
   output = result.stdout + result.stderr
   assert 'Traceback' not in output and not re.search(r'^\w+(Error|Exception):', output, re.M), output[-3000:]
   return result.stderr.strip().splitlines()[-1]
+
+
+def _checkpoints(workdir) -> dict[str, float]:
+  """Every file under ``workdir/checkpoints`` with its modification time."""
+  return {str(p.relative_to(workdir)): p.stat().st_mtime for p in (workdir / 'checkpoints').rglob('*')}
 
 
 def _final(stdout: str) -> dict[str, float]:
@@ -125,12 +130,42 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cif
   shutil.copytree(uninterrupted[0], workdir)
   for path in (workdir / 'checkpoints' / '40').rglob('*'):
     if path.is_file() and path.parent.name == 'd':
-      path.write_bytes(b'damaged')
+      path.write_bytes(path.read_bytes()[:100])  # truncated
   result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}')
-  assert 'checkpoint step 40' in result.stderr and 'cannot be read' in result.stderr
+  warnings = [line for line in result.stderr.splitlines() if 'checkpoint' in line]
+  assert len(warnings) == 1 and 'checkpoint step 40' in warnings[0] and 'cannot be read' in warnings[0]
+  assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr
+  assert len(result.stderr.splitlines()) < 30, result.stderr  # the progress bar's lines and the warning
   assert 'Resuming from the checkpoint at step 36' in result.stdout
   assert (workdir / 'checkpoints' / '40.corrupt').is_dir()
   assert _final(result.stdout) == _final(uninterrupted[1])
+
+
+def test_a_resume_with_another_config_is_refused_and_touches_no_checkpoint(uninterrupted, cifar_subset,
+                                                                           cache_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted[0], workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '40')
+  shutil.rmtree(workdir / 'checkpoints' / '36')
+  before, recorded = _checkpoints(workdir), (workdir / 'config.json').read_text()
+  for flags, changed in ((('--config.precision=fp32',), 'precision "int8" -> "fp32"'),
+                         (('--config.seed=1', '--config.model_kwargs.width=0.5'),
+                          'model_kwargs.width 0.25 -> 0.5, seed 0 -> 1')):
+    result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', *flags, status=1)
+    line = _error_line(result)
+    assert line.startswith(f'error: {workdir} holds checkpoints of a run with another config') and changed in line
+    assert '--allow_config_change' in line and '--workdir' in line
+  # --allow_config_change resumes a change the checkpoints fit, and refuses one they do not fit, in one line.
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', '--allow_config_change',
+                '--config.precision=fp32', status=1)
+  assert _error_line(result).startswith(f'error: checkpoint step 32 in {workdir / "checkpoints"} does not fit this '
+                                        'run: it holds arrays this run lacks: state.batch_stats.model.BatchNorm_0.')
+  assert _checkpoints(workdir) == before and (workdir / 'config.json').read_text() == recorded
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', '--allow_config_change',
+                '--config.optimizer.learning_rate=0.05')
+  assert 'Resuming from the checkpoint at step 32' in result.stdout
+  assert 'Resuming with a changed config (allowed): optimizer.learning_rate 0.1 -> 0.05' in result.stdout
+  assert json.loads((workdir / 'config.json').read_text())['optimizer']['learning_rate'] == 0.05
 
 
 def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, tmp_path):
@@ -176,6 +211,7 @@ BAD_INPUTS = {
     'unknown model': (('--config.model=resnet99',), "error: config.model: unknown model 'resnet99'; valid: "),
     'unknown precision': (('--config.precision=int4',),
                           "error: config.precision: unknown precision 'int4'; valid: ('fp32', 'bf16', 'int8')"),
+    'workdir a file': (('--workdir={tmp}/file',), 'error: the workdir {tmp}/file is a file, not a folder'),
     'missing archive': (('--config.dataset.archive={tmp}/missing.tar.gz',),
                         'error: config.dataset.archive: {tmp}/missing.tar.gz is neither cifar10-jpg.tar.gz nor a '
                         'folder holding it (the data prepared in '),
