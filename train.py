@@ -2,9 +2,9 @@
 
   python train.py --config configs/resnet.py [--workdir runs/resnet20] [--config.precision=fp32 ...]
 
-Without --workdir the run goes to runs/<config file name>-<precision>. A workdir holding checkpoints resumes, if
-its recorded config (config.json) is this one (--allow_config_change resumes it anyway). The config's `task` picks
-the task (a module on the framework jint8.training) whose train_and_evaluate runs.
+Without --workdir the run goes to runs/<config file name>-<precision>-s<seed>. A workdir holding checkpoints
+resumes, if its recorded config (config.json) is this one (--allow_config_change resumes it anyway). The config's
+`task` picks the task (a module on the framework jint8.training) whose train_and_evaluate runs.
 
 A bad input (config value, data file, workdir) ends the run with one line naming it and exit status 1; --verbose
 (or JINT8_VERBOSE=1) also prints the traceback.
@@ -37,7 +37,7 @@ USER_ERRORS = (ValueError, OSError, NotImplementedError, divergence.TrainingDive
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and plots '
-                    '(default: runs/<config name>-<precision>).')
+                    '(default: runs/<config name>-<precision>-s<seed>).')
 flags.DEFINE_bool('allow_config_change', False, 'Resume a workdir whose recorded config (config.json) differs from '
                   'this one; its checkpoints must still fit the model.')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-process runs; also '
@@ -47,9 +47,9 @@ flags.mark_flags_as_required(['config'])
 
 
 def default_workdir(config_path: str, config) -> str:
-  """runs/<config file name>-<precision>, e.g. runs/resnet-int8."""
+  """runs/<config file name>-<precision>-s<seed>, e.g. runs/resnet-int8-s0."""
   name = os.path.splitext(os.path.basename(config_path))[0]
-  return os.path.join('runs', f'{name}-{config.get("precision", "fp32")}')
+  return os.path.join('runs', f'{name}-{config.get("precision", "fp32")}-s{config.get("seed", 0)}')
 
 
 def verbose(argv) -> bool:

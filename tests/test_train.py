@@ -1,5 +1,5 @@
 """train.py end to end: a run's metrics, checkpoints and plots, resume after SIGKILL, a corrupt checkpoint, a
-resume with another config, 4 devices, and a bad input of each kind ending in one line.
+resume with another config, another seed, 4 devices, and a bad input of each kind ending in one line.
 
 The runs use configs/smoke.py with the small CNN of ``tiny.py`` (``--config.model=tiny:TinyCNN``) on a few
 hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
@@ -82,12 +82,12 @@ def uninterrupted(cifar_subset, cache_dir, tmp_path_factory):
   """One uninterrupted run without --workdir, in a fresh folder."""
   cwd = tmp_path_factory.mktemp('uninterrupted')
   result = _run(cwd, cifar_subset, cache_dir)
-  return cwd / 'runs' / 'smoke-int8', result.stdout
+  return cwd / 'runs' / 'smoke-int8-s0', result.stdout
 
 
 def test_run_writes_metrics_checkpoints_and_plots(uninterrupted):
   workdir, stdout = uninterrupted
-  assert 'No --workdir given: using runs/smoke-int8' in stdout and 'Starting a new run' in stdout
+  assert 'No --workdir given: using runs/smoke-int8-s0' in stdout and 'Starting a new run' in stdout
   records = metrics.read_records(workdir)
   train = [r for r in records if r['split'] == 'train']
   assert [r['step'] for r in train] == list(range(4, NUM_STEPS + 1, 4))
@@ -166,6 +166,16 @@ def test_a_resume_with_another_config_is_refused_and_touches_no_checkpoint(unint
   assert 'Resuming from the checkpoint at step 32' in result.stdout
   assert 'Resuming with a changed config (allowed): optimizer.learning_rate 0.1 -> 0.05' in result.stdout
   assert json.loads((workdir / 'config.json').read_text())['optimizer']['learning_rate'] == 0.05
+
+
+def test_another_seed_without_a_workdir_is_a_run_of_its_own(uninterrupted, cifar_subset, cache_dir):
+  cwd = uninterrupted[0].parents[1]
+  result = _run(cwd, cifar_subset, cache_dir, '--config.seed=1')
+  assert 'No --workdir given: using runs/smoke-int8-s1' in result.stdout and 'Starting a new run' in result.stdout
+  assert json.loads((uninterrupted[0] / 'config.json').read_text())['seed'] == 0  # seed 0's record untouched
+  table = subprocess.run([sys.executable, '-m', 'jint8.compare', 'runs/smoke-int8-s0', 'runs/smoke-int8-s1'],
+                         cwd=cwd, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+  assert '| mean of smoke-int8-s0, smoke-int8-s1 |' in table.stdout and 'Duplicate' not in table.stdout
 
 
 def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, tmp_path):
