@@ -94,8 +94,8 @@ def validate_config(config: Any, task: str) -> None:
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
     if config[key] < 1:
       raise ValueError(f'config.{key} must be >= 1, got {config[key]}')
-  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps', 'divergence_patience',
-              'grad_clip_norm'):
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'checkpoint_every_minutes', 'num_train_steps',
+              'divergence_patience', 'grad_clip_norm'):
     if config[key] < 0:
       raise ValueError(f'config.{key} must be >= 0, got {config[key]}')
   for key in ('max_train_examples', 'max_test_examples'):
