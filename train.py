@@ -7,7 +7,7 @@ resumes, if its recorded config (config.json) is this one (--allow_config_change
 `task` picks the task (a module on the framework jint8.training) whose train_and_evaluate runs.
 
 A bad input (config value, data file, workdir) ends the run with one line naming it and exit status 1; --verbose
-(or JINT8_VERBOSE=1) also prints the traceback.
+(or JINT8_VERBOSE=1) also prints the traceback. Ctrl-C stops after the running steps with a checkpoint (status 130).
 """
 
 import importlib
@@ -22,7 +22,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files import `configs.default`
 
 from jint8 import sharding  # pylint: disable=g-import-not-at-top
-from jint8.training import divergence  # pylint: disable=g-import-not-at-top
+from jint8.training import divergence, interruption  # pylint: disable=g-import-not-at-top
 
 # config.task -> the module whose train_and_evaluate(config, workdir) runs it.
 TASKS = {
@@ -107,6 +107,12 @@ def main(argv):
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
   try:
     run(config_flags.get_config_filename(FLAGS['config']), FLAGS.config)
+  except interruption.TrainingInterrupted as e:
+    sys.stderr.write(f'{e}\n')
+    sys.exit(interruption.EXIT_STATUS)
+  except KeyboardInterrupt:
+    sys.stderr.write('Interrupted (Ctrl-C) outside the training steps; the checkpoints saved so far are kept.\n')
+    sys.exit(interruption.EXIT_STATUS)
   except USER_ERRORS as e:
     if verbose(sys.argv):
       raise

@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = 0  # 0: once per epoch (and always at the end)
   config.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
-  config.checkpoint_every_minutes = 10.0  # also after this many minutes (0: never on time)
+  config.checkpoint_every_minutes = 10.0  # also after this many minutes (0: never on time), and at a Ctrl-C
   config.keep_checkpoints = 3
   # Stop with an error when the logged training loss has been back near its first value for this many logs in a
   # row after falling below half of it (jint8.training.divergence; 0: never)

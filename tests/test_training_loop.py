@@ -1,5 +1,5 @@
 """The training loop (``jint8.training.loop``): steps in one compiled loop and the records they combine
-(``jint8.training.records``), the host loop's divergence stop, the run length."""
+(``jint8.training.records``), the host loop's stops (divergence, Ctrl-C) and checkpoints, the run length."""
 
 import time
 import types
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tiny
-from jint8.training import checkpointing, divergence, metrics, progress
+from jint8.training import checkpointing, divergence, interruption, metrics, progress
 from jint8.training.loop import make_divergence_check, multi_step, next_stop, run_length, train_loop
 from jint8.training.records import step_record, summarize_train
 
@@ -182,3 +182,20 @@ def test_compiling_is_not_training_time(tmp_path):
   train_loop(jnp.float32(0.0), loop, jnp.ones(40), **kwargs)
   [record] = [r for r in metrics.read_records(tmp_path) if r['split'] == 'train']
   assert record['images_per_second'] > 40  # 4 images in much less than the second of compiling
+
+
+def test_a_stop_request_saves_a_checkpoint_and_ends_the_run(tmp_path):
+  saves, kwargs = _run_toy_loop(tmp_path)
+  stop = types.SimpleNamespace(requested=False, running='')
+  evaluations = []
+
+  def evaluate(state, step):  # the evaluations at the ends of the epochs of 3 steps
+    evaluations.append((step, float(state)))
+    stop.requested = step == 6  # as a Ctrl-C while it evaluates would
+    return {}
+
+  with pytest.raises(interruption.TrainingInterrupted,
+                     match=f'Stopped by Ctrl-C at step 6 of 12, with the checkpoint {tmp_path}/checkpoints/6: run'):
+    train_loop(jnp.float32(0.0), _ToyLoop(), jnp.ones(40), **{**kwargs, 'steps_per_epoch': 3, 'evaluate': evaluate},
+               stop=stop)
+  assert evaluations == [(3, 3.0), (6, 6.0)] and saves.steps == [(6, 0)]  # saved after the evaluation, no more steps

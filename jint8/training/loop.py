@@ -1,6 +1,6 @@
 """The training loop: a task's train step run many times in one compiled loop (``multi_step``, ``Loop``) and the
-host loop around it (``train_loop``), which logs, evaluates, saves checkpoints (every so many steps and minutes)
-and watches for divergence."""
+host loop around it (``train_loop``), which logs, evaluates, saves checkpoints (every so many steps and minutes),
+watches for divergence and stops at a Ctrl-C."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from jint8 import input_pipeline, sharding
-from jint8.training import divergence, metrics, progress
+from jint8.training import divergence, interruption, metrics, progress
 from jint8.training.records import combine_records, step_record, summarize_train
 from jint8.training.resume import checkpoint_tree
 from jint8.training.state import TrainState, order_key
@@ -106,7 +106,7 @@ def next_stop(step: int, index: int, *, num_steps: int, steps_per_epoch: int, ev
 
 def _as_process_0_says(*flags: bool) -> tuple[bool, ...]:
   """``flags`` as process 0 has them: every process must take the same branch (saving is collective), and wall
-  clocks differ between processes."""
+  clocks and Ctrl-Cs differ between processes."""
   if jax.process_count() == 1:
     return flags
   return tuple(bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray(flags)))
@@ -115,7 +115,8 @@ def _as_process_0_says(*flags: bool) -> tuple[bool, ...]:
 def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
                config: Any, schedule, writer: metrics.MetricWriter, checkpointer, bar: progress.Progress,
                evaluate, show: tuple[str, ...], layer_order: Sequence[str] = (),
-               divergence_check: divergence.DivergenceCheck | None = None):
+               divergence_check: divergence.DivergenceCheck | None = None,
+               stop: interruption.StopOnInterrupt | None = None):
   """Runs ``loop.train_steps`` (``multi_step``) from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
 
   Compiles the steps first (the bar says so; the time stays out of the rates). Logs every
@@ -128,6 +129,8 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
   Raises:
     divergence.TrainingDiverged: ``divergence_check`` saw the logged training loss return to its starting level
       (pending checkpoints are written first).
+    interruption.TrainingInterrupted: ``stop`` was requested (Ctrl-C); a checkpoint of the step reached is
+      written first.
   """
   step, epoch, index = start
   log_every = config.log_every_steps
@@ -137,6 +140,8 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
   stops = functools.partial(next_stop, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
                             every=(log_every, eval_every, checkpoint_every), log_every=log_every)
   order = loop.order(state, epoch)
+  if stop is not None:
+    stop.running = f'compiling the train steps and running {_steps(stops(step, index) - step)}'
   with bar.compiling():
     loop.train_steps.lower(state, dataset, order, np.int32(index), np.int32(1)).compile()
   pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
@@ -144,6 +149,8 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
   result = None
   while step < num_steps:
     stop_step = stops(step, index)
+    if stop is not None:
+      stop.running = _steps(stop_step - step)
     state, record = loop.train_steps(state, dataset, order, np.int32(index), np.int32(stop_step - step))
     pending.append(jax.block_until_ready(record))  # the bar counts finished steps: a true rate and ETA
     bar.update(stop_step - step)
@@ -167,15 +174,27 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
           checkpointer.wait()
           raise
     if step % eval_every == 0 or step == num_steps:
+      if stop is not None:
+        stop.running = f'the evaluation at step {step}'
       jax.block_until_ready(state)  # so that the pause below holds no training step
       pause_start = time.perf_counter()
       result = evaluate(state, step)
       paused += time.perf_counter() - pause_start
-    (save_due,) = _as_process_0_says(time.monotonic() - last_save >= save_seconds)
-    if step % checkpoint_every == 0 or step == num_steps or save_due:
+    interrupted, save_due = _as_process_0_says(stop is not None and stop.requested,
+                                               time.monotonic() - last_save >= save_seconds)
+    if step % checkpoint_every == 0 or step == num_steps or save_due or interrupted:
       jax.block_until_ready(state)
       pause_start = time.perf_counter()
       checkpointer.save(step, checkpoint_tree(state, epoch, index))
       last_save = time.monotonic()
       paused += time.perf_counter() - pause_start
+    if interrupted and step < num_steps:
+      checkpointer.wait()
+      raise interruption.TrainingInterrupted(
+          f'Stopped by Ctrl-C at step {step} of {num_steps}, with the checkpoint {checkpointer.directory / str(step)}'
+          ': run the same command to resume.')
   return state, result
+
+
+def _steps(n: int) -> str:
+  return 'the current step' if n == 1 else f'the current {n} steps'

@@ -3,8 +3,8 @@
 The framework does what every task's run shares: data parallelism over every device (``jint8.sharding``), the
 optimizer and its schedule, the precision (fp32, bf16 or int8), the train state, resuming from the newest
 checkpoint in ``workdir/checkpoints`` (of the config recorded in ``workdir/config.json``), the compiled loop of train
-steps, ``workdir/metrics.jsonl`` and TensorBoard, the progress bar and the PNG plots at the end. A task adds its
-config keys, data, model, train step and evaluation.
+steps, stopping at a Ctrl-C, ``workdir/metrics.jsonl`` and TensorBoard, the progress bar and the PNG plots at the
+end. A task adds its config keys, data, model, train step and evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import optax
 from flax import linen as nn
 
 from jint8 import sharding
-from jint8.training import metrics, optimizers, precision, progress
+from jint8.training import interruption, metrics, optimizers, precision, progress
 from jint8.training.loop import Loop, format_record, make_divergence_check, run_length, train_loop
 from jint8.training.resume import check_workdir, restore_or_initialize
 from jint8.training.state import TrainState
@@ -171,13 +171,17 @@ def train_and_evaluate(task: Task, workdir: str | pathlib.Path, *, model: nn.Mod
       bar.write(format_record(step, num_steps, split, writer.write(step, split, result)))
       return result, evaluation
 
-    state, (final, evaluation) = train_loop(
-        state, loop, data.batches, start=(step, epoch, index), num_steps=num_steps, steps_per_epoch=steps_per_epoch,
-        config=config, schedule=schedule, writer=writer, checkpointer=checkpointer, bar=bar, evaluate=evaluate,
-        show=task.show, layer_order=layer_order, divergence_check=make_divergence_check(config, workdir, step))
-    bar.close()
-    checkpointer.close()
-    writer.close()
+    try:
+      with interruption.StopOnInterrupt(bar.write) as stop:
+        state, (final, evaluation) = train_loop(
+            state, loop, data.batches, start=(step, epoch, index), num_steps=num_steps,
+            steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
+            checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=task.show, layer_order=layer_order,
+            divergence_check=make_divergence_check(config, workdir, step), stop=stop)
+    finally:
+      bar.close()
+      checkpointer.close()
+      writer.close()
     if is_main:
       records = metrics.read_records(workdir)
       metrics.plot_curves(records, workdir / 'curves.png')
