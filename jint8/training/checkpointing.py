@@ -58,7 +58,8 @@ def _arrays(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 def _quiet_failed_restore():
   """Silences what a restore that fails on damaged files leaves behind: orbax's asyncio tasks report their
   exceptions through the ``asyncio`` logger when they are collected, and TensorStore's reads that finish after
-  the event loop closed as "unraisable" ``RuntimeError('Event loop is closed')``, hundreds of lines in all."""
+  the event loop closed as "unraisable" ``RuntimeError('Event loop is closed')``, hundreds of lines in all. The
+  filter of the latter stays installed, since those reads may finish after the restore returned."""
   asyncio_logger = python_logging.getLogger('asyncio')
   level, verbosity, hook = asyncio_logger.level, logging.get_verbosity(), sys.unraisablehook
   asyncio_logger.setLevel(python_logging.CRITICAL)
