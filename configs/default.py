@@ -23,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'cifar10_jpeg'  # a name in jint8.input_pipeline.DATASETS
-  config.dataset.archive = ''  # the archive or its folder; '' searches $JINT8_DATA_DIR, then ../shared/data
+  # The archive or its folder; '' searches $JINT8_DATA_DIR, then ../shared/data. Data prepared before (data_dir) must
+  # have come from the archive named here (its size and SHA-256 are recorded): another one is an error
+  config.dataset.archive = ''
   config.dataset.data_dir = ''  # where tfds caches the prepared dataset; '' is $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.dataset.max_train_examples = 0  # > 0: use only the first N training examples (tiny runs)
   config.dataset.max_test_examples = 0
@@ -73,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = 0  # 0: once per epoch (and always at the end)
   config.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
+  config.checkpoint_every_minutes = 10.0  # also after this many minutes (0: never on time), and at a Ctrl-C
   config.keep_checkpoints = 3
   # Stop with an error when the logged training loss has been back near its first value for this many logs in a
   # row after falling below half of it (jint8.training.divergence; 0: never)

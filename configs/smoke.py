@@ -1,4 +1,4 @@
-"""A run of seconds on the CPU: ResNet-20 at quarter width on 256 training images, int8, 12 steps.
+"""A short run on the CPU, mostly compiling: ResNet-20 at quarter width on 256 training images, int8, 12 steps.
 
 Checks the whole path (data, int8 training, evaluation, checkpoints, metrics, plots); it learns nothing.
 """

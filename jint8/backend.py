@@ -58,9 +58,27 @@ def is_depthwise(lhs_channels: int, rhs_shape: Sequence[int], groups: int) -> bo
   return groups == lhs_channels and rhs_shape[-2] == 1 and rhs_shape[-1] == groups
 
 
+def scale_factors(scale) -> jax.Array:
+  """``scale`` (a scalar, or the factors of a product to multiply by in turn) as a 1-D float32 array."""
+  return jnp.asarray(scale, jnp.float32).reshape(-1)
+
+
+def rescale(product: jax.Array, factors) -> jax.Array:
+  """``product`` times each of ``factors`` (``scale_factors``' array, or a ref to it in a kernel) in turn.
+
+  The ops dequantize with two factors, ``clip / 127`` and ``weight_clip / 127``: their one float32 product
+  flushes to zero below about 2e-34 (tiny gradients times small weights) where the result, the product times each
+  factor in turn, is still a normal float32.
+  """
+  for i in range(factors.shape[0]):
+    product = product * factors[i]
+  return product
+
+
 class Backend(Protocol):
-  """What an integer backend provides. Every product returns ``int32_result * scale`` computed in float32;
-  the forward conv and dgrad round it to ``out_dtype`` (float32 or the model's bfloat16) in the epilogue."""
+  """What an integer backend provides. Every product returns ``rescale(int32_result, scale_factors(scale))``
+  computed in float32 (``scale``: a scalar or factors applied in turn); the forward conv and dgrad round it to
+  ``out_dtype`` (float32 or the model's bfloat16) in the epilogue."""
 
   name: str
 
@@ -160,13 +178,13 @@ class XlaBackend:
     nd = geometry.ndim
     check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd], 'int8 conv forward')
     y = lax_conv(lhs, rhs, geometry, _conv_accumulator_type())
-    return (y.astype(jnp.float32) * scale).astype(out_dtype)
+    return rescale(y.astype(jnp.float32), scale_factors(scale)).astype(out_dtype)
 
   def conv_dgrad(self, g, rhs, geometry, in_spatial, scale, out_dtype=jnp.float32):
     nd, groups = geometry.ndim, geometry.feature_group_count
     check_terms(math.prod(rhs.shape[:nd]) * rhs.shape[nd + 1] // groups, 'int8 conv dgrad')
     dx = lax_conv_dgrad(g, rhs, geometry, in_spatial, _conv_accumulator_type())
-    return (dx.astype(jnp.float32) * scale).astype(out_dtype)
+    return rescale(dx.astype(jnp.float32), scale_factors(scale)).astype(out_dtype)
 
   def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):
     # dw is a conv that contracts the batch: lhs as [Cin, *S, N] (channels as batch), g as [*O, N, Cout].
@@ -190,7 +208,7 @@ class XlaBackend:
           preferred_element_type=_conv_accumulator_type())
 
     dw = _chunked_sum(partial_sum, lhs.shape[0], max(1, MAX_EXACT_TERMS // per_image))  # [Cin/G, *K, Cout]
-    return jnp.moveaxis(dw, 0, nd) * scale
+    return rescale(jnp.moveaxis(dw, 0, nd), scale_factors(scale))
 
   def matmul(self, a, b, contract, scale):
     n = a.shape[contract[0]]
@@ -201,7 +219,7 @@ class XlaBackend:
                              lax.slice_in_dim(b, start, start + size, axis=contract[1]),
                              (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.int32)
 
-    return _chunked_sum(partial_sum, n, chunk) * scale
+    return rescale(_chunked_sum(partial_sum, n, chunk), scale_factors(scale))
 
 
 _BACKENDS: dict[str, Backend] = {'xla': XlaBackend()}

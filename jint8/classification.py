@@ -144,9 +144,11 @@ class Classification(run.Task):
     return {'loss': float(total['loss'] / total['count']), 'accuracy': float(total['correct'] / total['count'])}, None
 
 
-def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Module | None = None
-                       ) -> dict[str, float]:
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: nn.Module | None = None,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Runs the ``Classification`` task of ``config`` (the keys of ``configs/default.py``) in ``workdir``
-  (``jint8.training.run.train_and_evaluate``); returns the final test ``loss`` and ``accuracy``. ``model``, a Flax
-  module called as ``model(images, train=...)``, replaces ``config.model``."""
-  return run.train_and_evaluate(Classification(config), workdir, model=model)
+  (``jint8.training.run.train_and_evaluate``, which says what ``allow_config_change`` allows); returns the final
+  test ``loss`` and ``accuracy``. ``model``, a Flax module called as ``model(images, train=...)``, replaces
+  ``config.model``."""
+  return run.train_and_evaluate(Classification(config), workdir, model=model,
+                                allow_config_change=allow_config_change)

@@ -6,6 +6,8 @@ after the first tenth of the steps, minutes of training, where the training loss
 
 Runs whose ``config.json`` differ only in ``seed`` form a group; the group line gives the mean and the standard
 deviation (ddof 1) of the final evaluation metric (the test split for CIFAR, the validation split for detection).
+Runs of the same config and seed are duplicates, not seeds: a note after the table names them, and the means count
+the first of them only.
 A key that only some runs have (written by a newer jint8) counts as its default in the others: ``--defaults``
 names the config file that holds the defaults (the repository's ``configs/default.py`` when it is there).
 """
@@ -14,20 +16,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import pathlib
 import statistics
 import sys
 from typing import Any
 
-from flax import traverse_util
-
-from jint8.training import divergence, metrics
-
-
-def _config(workdir: pathlib.Path) -> dict[str, Any] | None:
-  path = workdir / 'config.json'
-  return json.loads(path.read_text()) if path.exists() else None
+from jint8.training import divergence, metrics, recorded_config
 
 
 def training_seconds(train_records: list[dict[str, Any]], batch_size: int) -> float:
@@ -73,7 +67,7 @@ def load_defaults(path: pathlib.Path) -> dict[str, Any]:
   spec = importlib.util.spec_from_file_location('_jint8_compare_defaults', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return json.loads(module.get_config().to_json_best_effort())
+  return recorded_config.as_dict(module.get_config())
 
 
 def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> bool:
@@ -82,25 +76,18 @@ def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None, defaults: di
   (not at all when ``defaults`` lacks it)."""
   if a is None or b is None:
     return False
-  a, b = traverse_util.flatten_dict(a, sep='.'), traverse_util.flatten_dict(b, sep='.')
-  defaults = traverse_util.flatten_dict(defaults or {}, sep='.')
-  missing = object()
-  for key in (a.keys() | b.keys()) - {'seed'}:
-    values = [config.get(key, defaults.get(key, missing)) for config in (a, b)]
-    if missing not in values and values[0] != values[1]:
-      return False
-  return True
+  return not set(recorded_config.differences(a, b, defaults or {})) - {'seed'}
 
 
 def table(workdirs: list[pathlib.Path], metric: str, defaults: dict[str, Any] | None = None) -> str:
   """A Markdown table: a row per run, then a row per group of two or more seeds (mean +- std; ``defaults`` as
-  in ``same_recipe``)."""
+  in ``same_recipe``), then a note per run that repeats another's config and seed (left out of the means)."""
   rows = [f'| run | steps | final {metric} | best | lowest after 10% | train minutes | non-finite | max deviation '
           '| diverged at |', '|---|---|---|---|---|---|---|---|---|']
   groups: list[tuple[dict[str, Any] | None, list[dict[str, Any]]]] = []
   for workdir in workdirs:
-    config = _config(workdir)
-    run = summarize_run(workdir, metric, config)
+    config = recorded_config.read(workdir)
+    run = summarize_run(workdir, metric, config) | {'seed': None if config is None else config.get('seed')}
     group = next((runs for first, runs in groups if same_recipe(first, config, defaults)), None)
     if group is None:
       groups.append((config, [run]))
@@ -110,12 +97,19 @@ def table(workdirs: list[pathlib.Path], metric: str, defaults: dict[str, Any] | 
     diverged = '-' if run['diverged_at'] is None else f"step {run['diverged_at']}"
     rows.append(f"| {run['run']} | {run['steps']} | {run['final']:.4f} | {run['best']:.4f} | {run['lowest']:.4f} "
                 f"| {minutes} | {run['nonfinite']} | {run['max_deviation']:.4f} | {diverged} |")
+  notes = []
   for _, runs in groups:
-    if len(runs) > 1:
-      finals = [r['final'] for r in runs]
-      rows.append(f"| mean of {', '.join(r['run'] for r in runs)} | | {statistics.mean(finals):.4f} "
+    seeds = {}
+    for run in runs:
+      first = seeds.setdefault(run['seed'], run)
+      if first is not run:
+        notes.append(f"Duplicate: {run['run']} has the config and seed ({run['seed']}) of {first['run']}; "
+                     'it is left out of the means.')
+    if len(seeds) > 1:
+      finals = [r['final'] for r in seeds.values()]
+      rows.append(f"| mean of {', '.join(r['run'] for r in seeds.values())} | | {statistics.mean(finals):.4f} "
                   f"+- {statistics.stdev(finals):.4f} | | | | | | |")
-  return '\n'.join(rows)
+  return '\n'.join(rows + ([''] + notes if notes else []))
 
 
 def main(argv: list[str] | None = None) -> None:

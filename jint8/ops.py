@@ -25,7 +25,6 @@ from jint8.state import HISTORY, QuantState
 
 INPUT_CLIPS = ('delayed', 'maxabs')
 
-_INV_QMAX2 = 1.0 / (quant.QMAX * quant.QMAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +97,21 @@ def _quantize_weight(w, channel_clips: bool):
   return quant.quantize(w, cw, axis=axis), cw
 
 
+def _dequantization_scale(clip_a, clip_b):
+  """The factors that turn the integer product of two int8 operands quantized at ``clip_a`` and ``clip_b`` back
+  into floats, ``(clip_a / 127, clip_b / 127)``, which the backends apply in turn (``jint8.backend.rescale``):
+  their one float32 product would flush to zero for tiny clips."""
+  return jnp.stack([clip_a / quant.QMAX, clip_b / quant.QMAX])
+
+
 def _times_weight_clip(product, clip, cw, out_dtype):
   """``product(scale, dtype)`` (an integer product times ``scale``) dequantized by the other operand's ``clip`` and
-  the weight clip ``cw``: the kernel's scale when ``cw`` is per tensor; per channel, the same scales multiply the
+  the weight clip ``cw``: the kernel's scale when ``cw`` is per tensor; per channel, the same factors multiply the
   channels of the integer product (as float32) outside the kernel."""
-  scale = clip * cw * _INV_QMAX2
   if cw.ndim == 0:
-    return product(scale, out_dtype)
-  return (product(jnp.ones((), jnp.float32), jnp.float32) * scale).astype(out_dtype)
+    return product(_dequantization_scale(clip, cw), out_dtype)
+  integer = product(jnp.ones((), jnp.float32), jnp.float32)
+  return (integer * (clip / quant.QMAX) * (cw / quant.QMAX)).astype(out_dtype)
 
 
 def _quantize_gradient(backend, g, stored_clip, seeds, config: Int8Config):
@@ -169,7 +175,7 @@ def _conv_bwd(geometry, config, residuals, g):
   dx = _times_weight_clip(  # depthwise: the input channel of dx is the output channel of the weight clip
       lambda scale, dtype: backend.conv_dgrad(gq, wq, geometry, xq.shape[1:-1], scale, out_dtype=dtype),
       c, cw, lhs_token.dtype)
-  dw = backend.conv_wgrad(xq, gq, geometry, wq.shape[:nd], cx * c * _INV_QMAX2)
+  dw = backend.conv_wgrad(xq, gq, geometry, wq.shape[:nd], _dequantization_scale(cx, c))
   return (_nan_unless(finite, dx, lhs_token.dtype), _nan_unless(finite, dw, rhs_token.dtype),
           _state_cotangent(config, stored_clip, c, sums, cx, amax), None)
 
@@ -255,7 +261,7 @@ def _dot_fwd(lhs, rhs, state, seeds, config):
   backend = get_backend(config.backend)
   xq, cx, amax = _quantize_input(lhs, state, config)
   wq, cw = _quantize_weight(rhs, False)
-  y = backend.matmul(xq, wq, (1, 0), cx * cw * _INV_QMAX2).astype(lhs.dtype)
+  y = backend.matmul(xq, wq, (1, 0), _dequantization_scale(cx, cw)).astype(lhs.dtype)
   return y, (xq, wq, cx, cw, amax, state.grad_clip, seeds, _dtype_token(lhs), _dtype_token(rhs))
 
 
@@ -264,8 +270,8 @@ def _dot_bwd(config, residuals, g):
   backend = get_backend(config.backend)
   gq, c, sums = _quantize_gradient(backend, g, stored_clip, seeds, config)
   finite = sums.finite()
-  dx = backend.matmul(gq, wq, (1, 1), c * cw * _INV_QMAX2)
-  dw = backend.matmul(xq, gq, (0, 0), cx * c * _INV_QMAX2)
+  dx = backend.matmul(gq, wq, (1, 1), _dequantization_scale(c, cw))
+  dw = backend.matmul(xq, gq, (0, 0), _dequantization_scale(cx, c))
   return (_nan_unless(finite, dx, lhs_token.dtype), _nan_unless(finite, dw, rhs_token.dtype),
           _state_cotangent(config, stored_clip, c, sums, cx, amax), None)
 

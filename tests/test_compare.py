@@ -139,3 +139,14 @@ def test_max_step_cuts_the_plotted_curves(tmp_path, rng, monkeypatch):
   assert sorted({r['step'] for r in plotted['run']}) == [10, 20, 30]
   with pytest.raises(SystemExit, match='--max_step must be >= 1'):
     compare.main([str(tmp_path / 'run'), '--plot', str(tmp_path / 'p.png'), '--max_step', '0'])
+
+
+def test_runs_of_the_same_config_and_seed_are_duplicates_not_seeds(tmp_path, rng):
+  runs = {}
+  for name, seed in (('s0', 0), ('s0-again', 0), ('s1', 1)):
+    runs[name] = rng.uniform(0.5, 0.9, size=3)
+    _write_run(tmp_path / name, runs[name], rng.uniform(0, 0.1, size=3), seed=seed)
+  text = compare.table([tmp_path / n for n in runs], 'accuracy')
+  finals = [runs['s0'][-1], runs['s1'][-1]]
+  assert (f'| mean of s0, s1 | | {np.mean(finals):.4f} +- {statistics.stdev(finals):.4f} |' in text)
+  assert text.splitlines()[-1] == 'Duplicate: s0-again has the config and seed (0) of s0; it is left out of the means.'

@@ -9,6 +9,7 @@ import collections
 import io
 import os
 import pathlib
+import shutil
 import tarfile
 import types
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jint8.datasets import cifar10_jpeg, paths
+from jint8.datasets import cifar10_jpeg, paths, provenance
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 30, 10
 
@@ -138,3 +139,21 @@ def test_archive_of_another_layout_is_a_clear_error(tmp_path):
 def test_real_archive_is_found_from_the_repository():
   archive = _real_archive()
   assert archive.name == cifar10_jpeg.ARCHIVE and os.path.getsize(archive) > 10_000_000
+
+
+def test_prepared_data_must_come_from_the_archive_named(cifar_subset, tmp_path):
+  builder = cifar10_jpeg.builder(data_dir=cifar_subset.data_dir, archive=cifar_subset.archive)
+  assert builder.info.metadata['source'] == provenance.fingerprint(cifar_subset.archive)
+  moved = tmp_path / 'moved' / cifar10_jpeg.ARCHIVE  # the same archive elsewhere, as a file or its folder
+  moved.parent.mkdir()
+  shutil.copy(cifar_subset.archive, moved)
+  for same in (moved, moved.parent):
+    assert cifar10_jpeg.builder(data_dir=cifar_subset.data_dir, archive=same).data_dir == builder.data_dir
+  other = tmp_path / 'other.tar.gz'
+  _write_tar(other, {'cifar10-jpg/train/cat/0000.jpg': cifar_subset.files[next(iter(cifar_subset.files))]})
+  with pytest.raises(ValueError, match=f'config.dataset.archive: {other} is not the archive that the data prepared '
+                                       f'in {builder.data_dir} came from, {cifar_subset.archive} '):
+    cifar10_jpeg.builder(data_dir=cifar_subset.data_dir, archive=other)
+  with pytest.raises(FileNotFoundError, match=f'config.dataset.archive: {tmp_path / "missing.tar.gz"} is neither '
+                                              f'.* came from {cifar_subset.archive}'):
+    cifar10_jpeg.builder(data_dir=cifar_subset.data_dir, archive=tmp_path / 'missing.tar.gz')

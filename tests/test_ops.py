@@ -156,7 +156,7 @@ def test_the_op_quantizes_with_jint8_quant_bit_for_bit(rng):
   cx, cg = quant.safe_clip(history.max()), jnp.float32(0.02)
   xq, gq = quant.quantize(jnp.asarray(x), cx), quant.quantize(jnp.asarray(g), cg, seeds=seeds)
   geometry = backend_lib.ConvGeometry((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
-  expected = XLA.conv_wgrad(xq, gq, geometry, (3, 3), cx * cg / 127 ** 2)
+  expected = XLA.conv_wgrad(xq, gq, geometry, (3, 3), jnp.stack([cx / 127, cg / 127]))
   np.testing.assert_array_equal(np.asarray(dw), np.asarray(expected))
   # The side outputs equal separate reductions: max|x| (exact), the deviation (float64 reference).
   assert float(cot.input_amax[0]) == np.abs(x).max()
@@ -177,6 +177,46 @@ def test_a_clip_searched_on_an_all_zero_gradient_is_no_clip(rng):
   steady, _ = _conv_cotangent(x, w, zero, Int8Config(searches=False),
                               _state(grad_clip=0.5, input_clip=1.0, input_amax=np.ones(16)))
   assert float(steady.grad_clip) == 0.5  # a stored clip stays
+
+
+@pytest.mark.parametrize('backend', ['xla', 'pallas'])
+@pytest.mark.parametrize('layer', ['conv', 'depthwise', 'dense'])
+def test_tiny_clips_dequantize_to_the_exact_product_not_zero(rng, backend, layer):
+  # Integers in [64, 127] times 2^-40 (activations, gradients) and 2^-90 (weights) quantize exactly (max-abs 127),
+  # so the op computes the integer products times 2^-130 (forward, dgrad) and 2^-80 (wgrad): float32 normals.
+  # One factor c * cw / 127^2 = 2^-130 would be a subnormal, which XLA flushes to zero: every output 0.
+  ints = lambda *shape: rng.integers(64, 128, shape).astype(np.float32)
+  if layer == 'dense':
+    x, w = ints(4, 16), ints(16, 8)
+    dims = (((1,), (0,)), ((), ()))
+    f = lambda x, w: ops.int8_dot_general(x, w, dims, state=_state(), seeds=None, config=config)
+    reference = lambda x, w: lax.dot_general(x, w, dims)
+  else:
+    groups = 8 if layer == 'depthwise' else 1
+    x, w = ints(2, 6, 6, 8), ints(3, 3, 8 // groups, 8)
+    f = lambda x, w: ops.int8_conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=_dims(2),
+                                                   feature_group_count=groups, state=_state(), seeds=None,
+                                                   config=config)
+    reference = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=_dims(2),
+                                                      feature_group_count=groups)
+  config = Int8Config(backend=backend, dsgc=False, stochastic_rounding=False)
+  g = ints(*jax.eval_shape(f, x, w).shape)
+  x[(0,) * x.ndim] = w[(0,) * w.ndim] = g[(0,) * g.ndim] = 127
+  small, tiny = 2.0 ** -40, 2.0 ** -90
+
+  @jax.jit
+  def run(x, w, g):  # every clip a runtime value, as in training (XLA folds a product of constants into one)
+    y, vjp = jax.vjp(f, x, w)
+    return y, vjp(g)
+
+  y, (dx, dw) = run(x * small, w * tiny, g * small)
+  with jax.enable_x64(True):
+    y64, (dx64, dw64) = _value_and_vjp(reference, lambda y: g.astype(np.float64))(x.astype(np.float64),
+                                                                                  w.astype(np.float64))
+  for got, exact, scale in ((y, y64, small * tiny), (dx, dx64, small * tiny), (dw, dw64, small * small)):
+    expected = (np.asarray(exact) * scale).astype(np.float32)
+    assert np.all(expected >= np.finfo(np.float32).tiny)  # normal float32 values
+    np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 def test_differentiating_without_rounding_seeds_is_an_error(rng):

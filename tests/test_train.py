@@ -1,5 +1,5 @@
-"""train.py end to end: a run's metrics, checkpoints and plots, resume after SIGKILL, a corrupt checkpoint, 4
-devices, an unknown config key.
+"""train.py end to end: a run's metrics, checkpoints and plots, resume after SIGKILL, a stop at Ctrl-C, a corrupt
+checkpoint, a resume with another config, another seed, 4 devices, and a bad input of each kind ending in one line.
 
 The runs use configs/smoke.py with the small CNN of ``tiny.py`` (``--config.model=tiny:TinyCNN``) on a few
 hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
@@ -8,6 +8,7 @@ hundred real CIFAR-10 images, in subprocesses sharing a JAX compilation cache.
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from jint8.training import metrics
-from test_datasets import cifar_subset  # noqa: F401  (session fixture)
+from test_datasets import _write_tar, cifar_subset  # noqa: F401  (session fixture)
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,8 +33,9 @@ RUN_FLAGS = ('--config.model=tiny:TinyCNN', f'--config.num_train_steps={NUM_STEP
              '--config.log_every_steps=4', '--config.eval_every_steps=8', '--config.checkpoint_every_steps=4')
 
 
-def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None):
-  """Runs train.py with the smoke config on the test data; returns the CompletedProcess (or the Popen)."""
+def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None, status=0):
+  """Runs train.py with the smoke config on the test data; returns the CompletedProcess, which must end with
+  ``status`` (or the Popen)."""
   env = dict(os.environ, PYTHONPATH=f'{REPO}{os.pathsep}{REPO / "tests"}', JAX_PLATFORMS='cpu',
              JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
@@ -44,8 +46,20 @@ def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None):
   if background_log is not None:
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=background_log, stderr=subprocess.STDOUT)
   result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
   return result
+
+
+def _error_line(result) -> str:
+  """The one line a failed run ends with; nothing else on stderr but progress and warning lines, no traceback."""
+  output = result.stdout + result.stderr
+  assert 'Traceback' not in output and not re.search(r'^\w+(Error|Exception):', output, re.M), output[-3000:]
+  return result.stderr.strip().splitlines()[-1]
+
+
+def _checkpoints(workdir) -> dict[str, float]:
+  """Every file under ``workdir/checkpoints`` with its modification time."""
+  return {str(p.relative_to(workdir)): p.stat().st_mtime for p in (workdir / 'checkpoints').rglob('*')}
 
 
 def _final(stdout: str) -> dict[str, float]:
@@ -68,12 +82,12 @@ def uninterrupted(cifar_subset, cache_dir, tmp_path_factory):
   """One uninterrupted run without --workdir, in a fresh folder."""
   cwd = tmp_path_factory.mktemp('uninterrupted')
   result = _run(cwd, cifar_subset, cache_dir)
-  return cwd / 'runs' / 'smoke-int8', result.stdout
+  return cwd / 'runs' / 'smoke-int8-s0', result.stdout
 
 
 def test_run_writes_metrics_checkpoints_and_plots(uninterrupted):
   workdir, stdout = uninterrupted
-  assert 'No --workdir given: using runs/smoke-int8' in stdout and 'Starting a new run' in stdout
+  assert 'No --workdir given: using runs/smoke-int8-s0' in stdout and 'Starting a new run' in stdout
   records = metrics.read_records(workdir)
   train = [r for r in records if r['split'] == 'train']
   assert [r['step'] for r in train] == list(range(4, NUM_STEPS + 1, 4))
@@ -116,51 +130,159 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cif
   shutil.copytree(uninterrupted[0], workdir)
   for path in (workdir / 'checkpoints' / '40').rglob('*'):
     if path.is_file() and path.parent.name == 'd':
-      path.write_bytes(b'damaged')
+      path.write_bytes(path.read_bytes()[:100])  # truncated
   result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}')
-  assert 'checkpoint step 40' in result.stderr and 'cannot be read' in result.stderr
+  warnings = [line for line in result.stderr.splitlines() if 'checkpoint' in line]
+  assert len(warnings) == 1 and 'checkpoint step 40' in warnings[0] and 'cannot be read' in warnings[0]
+  assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr
+  assert len(result.stderr.splitlines()) < 30, result.stderr  # the progress bar's lines and the warning
   assert 'Resuming from the checkpoint at step 36' in result.stdout
   assert (workdir / 'checkpoints' / '40.corrupt').is_dir()
   assert _final(result.stdout) == _final(uninterrupted[1])
 
 
-def test_four_devices_match_one_device(uninterrupted, cifar_subset, cache_dir, tmp_path):
-  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={tmp_path / "run"}', devices=4)
-  assert '4 devices' in result.stdout
-  one, four = _test_records(uninterrupted[0]), _test_records(tmp_path / 'run')
-  assert [r['step'] for r in one] == [r['step'] for r in four]
-  # Sums reduce in another order over 4 devices; int8 rounding then amplifies the float differences slowly.
-  assert four[0]['loss'] == pytest.approx(one[0]['loss'], rel=1e-4)
-  for a, b in zip(one, four):
-    assert b['loss'] == pytest.approx(a['loss'], rel=2e-3)
-    assert b['accuracy'] == pytest.approx(a['accuracy'], abs=0.021)  # 2 of 100 test images
+def test_a_resume_with_another_config_is_refused_and_touches_no_checkpoint(uninterrupted, cifar_subset,
+                                                                           cache_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted[0], workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '40')
+  shutil.rmtree(workdir / 'checkpoints' / '36')
+  before, recorded = _checkpoints(workdir), (workdir / 'config.json').read_text()
+  for flags, changed in ((('--config.precision=fp32',), 'precision "int8" -> "fp32"'),
+                         (('--config.seed=1', '--config.model_kwargs.width=0.5'),
+                          'model_kwargs.width 0.25 -> 0.5, seed 0 -> 1')):
+    result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', *flags, status=1)
+    line = _error_line(result)
+    assert line.startswith(f'error: {workdir} holds checkpoints of a run with another config') and changed in line
+    assert '--allow_config_change' in line and '--workdir' in line
+  # --allow_config_change resumes a change the checkpoints fit, and refuses one they do not fit, in one line.
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', '--allow_config_change',
+                '--config.precision=fp32', status=1)
+  assert _error_line(result).startswith(f'error: checkpoint step 32 in {workdir / "checkpoints"} does not fit this '
+                                        'run: it holds arrays this run lacks: state.batch_stats.model.BatchNorm_0.')
+  assert _checkpoints(workdir) == before and (workdir / 'config.json').read_text() == recorded
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', '--allow_config_change',
+                '--config.optimizer.learning_rate=0.05')
+  assert 'Resuming from the checkpoint at step 32' in result.stdout
+  assert 'Resuming with a changed config (allowed): optimizer.learning_rate 0.1 -> 0.05' in result.stdout
+  assert json.loads((workdir / 'config.json').read_text())['optimizer']['learning_rate'] == 0.05
 
 
-def test_an_nnx_resnet20_trains_and_resumes_bit_exactly(cifar_subset, cache_dir, tmp_path):
-  """--config.api=nnx: the zoo's NNX ResNet-20 (the smoke config's quarter width), made int8 by jint8.nnx; a run
-  resumed from its step-4 checkpoint ends as the uninterrupted run did."""
-  flags = ('--config.api=nnx', '--config.model=resnet20', '--config.num_train_steps=8')
-  workdir, resumed = tmp_path / 'run', tmp_path / 'resumed'
-  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', *flags)
-  train = [r for r in metrics.read_records(workdir) if r['split'] == 'train']
-  # every conv but the stem is int8 (18 in the blocks, 2 shortcuts); the classifier stays float
-  layers = train[-1]['layers']
-  assert len(layers) == 20 and 'model/blocks/3/shortcut/conv' in layers and 'model/stem/conv' not in layers
-  for r in train:
-    assert np.isfinite(r['loss']) and r['nonfinite'] == 0
-    assert all(stats['grad_clip'] > 0 and 0 < stats['weight_levels'] <= 127 for stats in r['layers'].values())
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(resumed / 'checkpoints' / '8')
-  again = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={resumed}', *flags)
-  assert 'Resuming from the checkpoint at step 4' in again.stdout
-  assert _final(again.stdout) == _final(result.stdout)
-  strip = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'} for r in records]
-  assert strip(metrics.read_records(resumed)) == strip(metrics.read_records(workdir))
+def test_another_seed_without_a_workdir_is_a_run_of_its_own(uninterrupted, cifar_subset, cache_dir):
+  cwd = uninterrupted[0].parents[1]
+  result = _run(cwd, cifar_subset, cache_dir, '--config.seed=1')
+  assert 'No --workdir given: using runs/smoke-int8-s1' in result.stdout and 'Starting a new run' in result.stdout
+  assert json.loads((uninterrupted[0] / 'config.json').read_text())['seed'] == 0  # seed 0's record untouched
+  table = subprocess.run([sys.executable, '-m', 'jint8.compare', 'runs/smoke-int8-s0', 'runs/smoke-int8-s1'],
+                         cwd=cwd, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+  assert '| mean of smoke-int8-s0, smoke-int8-s1 |' in table.stdout and 'Duplicate' not in table.stdout
 
 
-def test_unknown_config_key_is_rejected_by_name(cifar_subset, cache_dir, tmp_path):
+def _wait_for(found, process, seconds=300):
+  deadline = time.time() + seconds
+  while not found() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  assert found(), 'the run ended or timed out first'
+
+
+# Compiled loops of 1, 1, 2, 4 steps, then one per epoch of 8 (no log, evaluation or checkpoint before step 100,000),
+# a checkpoint after each (on time), steps of a wider TinyCNN: once checkpoint 4 is there, the steps 4 to 8 run as
+# one compiled loop for about a second.
+LONG_RUN = ('--config.num_train_steps=100000', '--config.log_every_steps=100000', '--config.eval_every_steps=100000',
+            '--config.checkpoint_every_steps=100000', '--config.checkpoint_every_minutes=1e-9',
+            '--config.model_kwargs.width=6')
+
+
+def _interrupt_a_long_run(data, cache_dir, tmp_path, *, twice: bool):
+  """Starts a ``LONG_RUN``, sends it a Ctrl-C in its steps 4 to 8 and, ``twice``, another once it said what happens.
+
+  Returns the workdir, the run's output lines, whether it still ran when it said what happens and its status."""
+  workdir, log_path = tmp_path / 'run', tmp_path / 'run.log'
+  with open(log_path, 'w') as log:
+    process = _run(tmp_path, data, cache_dir, f'--workdir={workdir}', *LONG_RUN, background_log=log)
+    _wait_for((workdir / 'checkpoints' / '4').exists, process)
+    process.send_signal(signal.SIGINT)
+    _wait_for(lambda: 'Ctrl-C' in log_path.read_text(), process)
+    running = process.poll() is None
+    if twice:
+      process.send_signal(signal.SIGINT)
+    status = process.wait(timeout=300)
+  return workdir, log_path.read_text().splitlines(), running, status
+
+
+def test_ctrl_c_says_at_once_what_happens_then_saves_and_stops(cifar_subset, cache_dir, tmp_path):
+  workdir, lines, running, status = _interrupt_a_long_run(cifar_subset, cache_dir, tmp_path, twice=False)
+  assert running and status == 130  # said while the steps still ran
+  assert [line for line in lines if 'Ctrl-C' in line] == [
+      'Ctrl-C: stopping after the current 4 steps, saving a checkpoint; Ctrl-C again to abort.',
+      f'Stopped by Ctrl-C at step 8 of 100000, with the checkpoint {workdir}/checkpoints/8: run the same command to '
+      'resume.'], lines[-10:]
+  assert lines[-1].startswith('Stopped by Ctrl-C') and not any('Traceback' in line for line in lines)
+  # The same command resumes there (here, through the override, to end a few steps later).
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', *LONG_RUN, '--config.num_train_steps=10',
+                '--allow_config_change')
+  assert 'Resuming from the checkpoint at step 8' in result.stdout and 'step 10/10 test' in result.stdout
+
+
+def test_a_second_ctrl_c_aborts_and_keeps_the_checkpoints(cifar_subset, cache_dir, tmp_path):
+  workdir, lines, _, status = _interrupt_a_long_run(cifar_subset, cache_dir, tmp_path, twice=True)
+  assert status == 130 and not any('Traceback' in line for line in lines)
+  assert [line for line in lines if 'Ctrl-C' in line] == [
+      'Ctrl-C: stopping after the current 4 steps, saving a checkpoint; Ctrl-C again to abort.',
+      'Ctrl-C again: aborting now; the checkpoints saved so far are kept.']
+  assert not (workdir / 'checkpoints' / '8').exists()
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={workdir}', *LONG_RUN, '--config.num_train_steps=6',
+                '--allow_config_change')
+  assert 'Resuming from the checkpoint at step 4' in result.stdout
+
+
+BAD_INPUTS = {
+    'unknown key': (('--config.optimizer.learning_rat=0.1',),
+                    'error: --config.optimizer.learning_rat: the config has no key optimizer.learning_rat '
+                    '(Did you mean "learning_rate" instead of "learning_rat"?)'),
+    'wrong type': (('--config.batch_size=abc',),
+                   "error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+    'unknown model': (('--config.model=resnet99',), "error: config.model: unknown model 'resnet99'; valid: "),
+    'unknown precision': (('--config.precision=int4',),
+                          "error: config.precision: unknown precision 'int4'; valid: ('fp32', 'bf16', 'int8')"),
+    'workdir a file': (('--workdir={tmp}/file',), 'error: the workdir {tmp}/file is a file, not a folder'),
+    'missing archive': (('--config.dataset.archive={tmp}/missing.tar.gz',),
+                        'error: config.dataset.archive: {tmp}/missing.tar.gz is neither cifar10-jpg.tar.gz nor a '
+                        'folder holding it (the data prepared in '),
+    'missing archive, nothing prepared': (('--config.dataset.archive={tmp}/missing.tar.gz',
+                                           '--config.dataset.data_dir={tmp}/tfds'),
+                                          "error: data archive 'cifar10-jpg.tar.gz' not found; tried: "
+                                          '{tmp}/missing.tar.gz/cifar10-jpg.tar.gz.'),
+    'foreign archive': (('--config.dataset.archive={tmp}/foreign.tar.gz',),
+                        'error: config.dataset.archive: {tmp}/foreign.tar.gz is not the archive that the data '
+                        'prepared in '),
+    'foreign archive, nothing prepared': (('--config.dataset.archive={tmp}/foreign.tar.gz',
+                                           '--config.dataset.data_dir={tmp}/tfds'),
+                                          'error: the CIFAR-10 archive {tmp}/foreign.tar.gz holds no images'),
+    'empty archive': (('--config.dataset.archive={tmp}/empty.tar.gz', '--config.dataset.data_dir={tmp}/tfds'),
+                      'error: cannot read the CIFAR-10 archive {tmp}/empty.tar.gz'),
+    'truncated archive': (('--config.dataset.archive={tmp}/cut.tar.gz', '--config.dataset.data_dir={tmp}/tfds'),
+                          'error: cannot read the CIFAR-10 archive {tmp}/cut.tar.gz'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_a_bad_input_ends_in_one_line(cifar_subset, cache_dir, tmp_path, case):
+  (tmp_path / 'file').write_text('not a folder\n')
+  (tmp_path / 'empty.tar.gz').write_bytes(b'')
+  data = cifar_subset.archive.read_bytes()
+  (tmp_path / 'cut.tar.gz').write_bytes(data[:len(data) // 2])
+  _write_tar(tmp_path / 'foreign.tar.gz', {'JPEGImages/0.jpg': data[:100]})
+  flags, message = BAD_INPUTS[case]
+  result = _run(tmp_path, cifar_subset, cache_dir, f'--workdir={tmp_path / "run"}',
+                *[f.format(tmp=tmp_path) for f in flags], status=1)
+  assert _error_line(result).startswith(message.format(tmp=tmp_path))
+  assert not (tmp_path / 'run').exists()  # nothing written
+
+
+def test_verbose_shows_the_traceback(tmp_path):
   process = subprocess.run(
-      [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}',
-       '--config.optimizer.learning_rat=0.1'], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, PYTHONPATH=str(REPO)))
-  assert process.returncode != 0 and 'learning_rat' in process.stderr
+      [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "smoke.py"}', '--config.precision=int4',
+       '--verbose', f'--workdir={tmp_path / "run"}'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu'))
+  assert process.returncode == 1 and 'Traceback' in process.stderr and "unknown precision 'int4'" in process.stderr

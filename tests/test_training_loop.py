@@ -1,5 +1,8 @@
 """The training loop (``jint8.training.loop``): steps in one compiled loop and the records they combine
-(``jint8.training.records``), the host loop's divergence stop, the run length."""
+(``jint8.training.records``), the host loop's stops (divergence, Ctrl-C) and checkpoints, the run length."""
+
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +10,8 @@ import numpy as np
 import pytest
 
 import tiny
-from jint8.training import checkpointing, divergence, metrics, progress
-from jint8.training.loop import make_divergence_check, multi_step, run_length, train_loop
+from jint8.training import checkpointing, divergence, interruption, metrics, progress
+from jint8.training.loop import make_divergence_check, multi_step, next_stop, run_length, train_loop
 from jint8.training.records import step_record, summarize_train
 
 
@@ -107,3 +110,92 @@ def test_run_length_in_steps_and_a_batch_larger_than_the_data():
   assert run_length(tiny.config(batch_size=32, num_train_steps=7), 100) == (3, 7)
   with pytest.raises(ValueError, match=r'config.batch_size=128 is larger than the training set \(100 examples\)'):
     run_length(tiny.config(batch_size=128), 100)
+
+
+def test_the_compiled_loops_stop_at_logs_evaluations_checkpoints_and_doubling_steps_into_a_log():
+  stops, step, index = [], 0, 0
+  while step < 50:
+    step = next_stop(step, index, num_steps=50, steps_per_epoch=30, every=(20, 40, 25), log_every=20)
+    index = step % 30
+    stops.append(step)
+  # 1, 2, 4, 8, 16 steps into each log interval of 20; logs at 20, 40; the epoch ends at 30; a checkpoint at 25
+  assert stops == [1, 2, 4, 8, 16, 20, 21, 22, 24, 25, 28, 30, 36, 40, 41, 42, 44, 48, 50]
+
+
+class _Saves:
+  """A checkpointer that records the steps it saves."""
+
+  def __init__(self, directory):
+    self.directory, self.steps = directory, []
+
+  def save(self, step, tree):
+    self.steps.append((step, int(tree['data_position']['index'])))
+
+  def wait(self):
+    pass
+
+
+def _run_toy_loop(tmp_path, num_steps=12, **overrides):
+  config = tiny.config(**{'log_every_steps': 4, 'eval_every_steps': 0, 'checkpoint_every_steps': 8, 'batch_size': 1,
+                          **overrides})
+  saves = _Saves(tmp_path / 'checkpoints')
+  kwargs = dict(start=(0, 0, 0), num_steps=num_steps, steps_per_epoch=40, config=config, schedule=lambda step: 0.1,
+                writer=metrics.MetricWriter(tmp_path), checkpointer=saves, bar=progress.Progress(12, enabled=False),
+                evaluate=lambda state, step: {}, show=('loss',))
+  return saves, kwargs
+
+
+def test_checkpoints_are_also_saved_on_time(tmp_path):
+  saves, kwargs = _run_toy_loop(tmp_path, checkpoint_every_minutes=0.0)
+  train_loop(jnp.float32(0.0), _ToyLoop(), jnp.ones(40), **kwargs)
+  assert saves.steps == [(8, 8), (12, 12)]  # every 8 steps and at the end
+  saves, kwargs = _run_toy_loop(tmp_path, checkpoint_every_minutes=1e-9)
+  train_loop(jnp.float32(0.0), _ToyLoop(), jnp.ones(40), **kwargs)
+  assert saves.steps == [(s, s) for s in (1, 2, 4, 5, 6, 8, 9, 10, 12)]  # after every compiled loop
+
+
+class _SlowCompile:
+  """``multi_step(_toy_step)`` jitted, whose compilation takes a second: ahead of time (``lower(...).compile()``) or,
+  as ``jax.jit`` does, in the first call."""
+
+  def __init__(self):
+    self._steps, self._compiled = jax.jit(multi_step(_toy_step)), False
+
+  def lower(self, *args):
+    del args
+    return types.SimpleNamespace(compile=self._compile)
+
+  def _compile(self):
+    time.sleep(1.0)
+    self._compiled = True
+
+  def __call__(self, *args):
+    if not self._compiled:
+      self._compile()
+    return self._steps(*args)
+
+
+def test_compiling_is_not_training_time(tmp_path):
+  loop = _ToyLoop()
+  loop.train_steps = _SlowCompile()
+  _, kwargs = _run_toy_loop(tmp_path, num_steps=4)
+  train_loop(jnp.float32(0.0), loop, jnp.ones(40), **kwargs)
+  [record] = [r for r in metrics.read_records(tmp_path) if r['split'] == 'train']
+  assert record['images_per_second'] > 40  # 4 images in much less than the second of compiling
+
+
+def test_a_stop_request_saves_a_checkpoint_and_ends_the_run(tmp_path):
+  saves, kwargs = _run_toy_loop(tmp_path)
+  stop = types.SimpleNamespace(requested=False, running='')
+  evaluations = []
+
+  def evaluate(state, step):  # the evaluations at the ends of the epochs of 3 steps
+    evaluations.append((step, float(state)))
+    stop.requested = step == 6  # as a Ctrl-C while it evaluates would
+    return {}
+
+  with pytest.raises(interruption.TrainingInterrupted,
+                     match=f'Stopped by Ctrl-C at step 6 of 12, with the checkpoint {tmp_path}/checkpoints/6: run'):
+    train_loop(jnp.float32(0.0), _ToyLoop(), jnp.ones(40), **{**kwargs, 'steps_per_epoch': 3, 'evaluate': evaluate},
+               stop=stop)
+  assert evaluations == [(3, 3.0), (6, 6.0)] and saves.steps == [(6, 0)]  # saved after the evaluation, no more steps

@@ -3,7 +3,8 @@
 The archive holds ``cifar10-jpg/{train,test}/<class>/NNNN.jpg`` (32x32 JPEG, quality 75, the original
 50,000 / 10,000 split). The builder decodes every image once and stores ``uint8`` arrays in ``array_record``
 files, read back without TensorFlow through ``builder.as_data_source()``. It has its own name,
-``jint8_cifar10_jpeg``, so tfds never tries to download the official ``cifar10``.
+``jint8_cifar10_jpeg``, so tfds never tries to download the official ``cifar10``. The metadata records the archive's
+fingerprint (``jint8.datasets.provenance``), which every later load compares with the archive it is given.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jint8.datasets import paths
+from jint8.datasets import paths, provenance
 
 ARCHIVE = 'cifar10-jpg.tar.gz'
 CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -32,8 +33,9 @@ _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 class Jint8Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
   """CIFAR-10 decoded from the local JPEG archive; features ``image`` (32x32x3 uint8) and ``label``."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Decoded uint8 images from cifar10-jpg.tar.gz.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Decoded uint8 images from cifar10-jpg.tar.gz.',
+                   '1.1.0': "The metadata records the archive's fingerprint (path, size, SHA-256)."}
   # A local archive has no download URLs to checksum. Saying so also skips tfds' lookup of the builder's
   # source folder, which needs the `importlib_resources` backport that tfds does not install on Python >= 3.9.
   url_infos = None
@@ -51,11 +53,13 @@ class Jint8Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
             'label': tfds.features.ClassLabel(names=CLASS_NAMES),
         }),
         supervised_keys=('image', 'label'),
+        metadata=tfds.core.MetadataDict(),
         citation='Krizhevsky, 2009, "Learning Multiple Layers of Features from Tiny Images".')
 
   def _split_generators(self, dl_manager):
     del dl_manager  # the archive is local
     archive = paths.find_archive(ARCHIVE, self._archive)
+    self.info.metadata['source'] = provenance.fingerprint(archive)
     return {split: self._generate_examples(archive, split) for split in ('train', 'test')}
 
   def _generate_examples(self, archive, split):
@@ -92,11 +96,35 @@ def builder(*, data_dir: str | os.PathLike | None = None,
             archive: str | os.PathLike | None = None) -> Jint8Cifar10Jpeg:
   """Returns the prepared builder, decoding the archive into ``data_dir`` on first use.
 
+  Data prepared before is used as it is, or, when ``archive`` is given, only if it came from that archive (the same
+  size and SHA-256, wherever it lies now).
+
   Args:
     data_dir: where prepared datasets are cached; ``None`` is tfds' default (``$TFDS_DATA_DIR`` or
       ``~/tensorflow_datasets``).
-    archive: the archive or the folder holding it; only read when the dataset is not prepared yet.
+    archive: the archive or the folder holding it (``config.dataset.archive``); ``None`` searches as
+      ``paths.find_archive`` does, when the data is not prepared yet.
+
+  Raises:
+    FileNotFoundError: ``archive`` does not exist, or the data is not prepared and no archive was found.
+    ValueError: ``archive`` is not the one the prepared data came from, or it cannot be read.
   """
   b = Jint8Cifar10Jpeg(data_dir=data_dir, archive=archive, file_format='array_record')
-  b.download_and_prepare()
+  if not b.is_prepared():
+    b.download_and_prepare()
+    return b
+  if not archive:
+    return b
+  recorded = b.info.metadata['source']
+  try:
+    found = paths.find_archive(ARCHIVE, archive)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'config.dataset.archive: {archive} is neither {ARCHIVE} nor a folder holding it (the '
+                            f'data prepared in {b.data_dir} came from {recorded["path"]})') from None
+  current = provenance.fingerprint(found)
+  if not provenance.same_contents(recorded, current):
+    raise ValueError(f'config.dataset.archive: {found} is not the archive that the data prepared in {b.data_dir} came '
+                     f'from, {recorded["path"]} ({provenance.describe_change(recorded, current)}). Delete '
+                     f'{b.data_dir} to prepare the data from {found}, or set config.dataset.data_dir to another '
+                     'folder.')
   return b

@@ -29,7 +29,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jint8.datasets import paths
+from jint8.datasets import paths, provenance
 from jint8.detection import annotations, coco, source, voc
 
 FORMATS = ('voc', 'coco')
@@ -101,10 +101,9 @@ def load(d: Any) -> Data:
 
   builder = make_builder()
   recorded = builder.info.metadata.get('source')  # None until prepared
-  if recorded is not None and recorded != fingerprint:
-    print(f'{files.path} changed since {builder.data_dir} was prepared from it (size {recorded["size"]} -> '
-          f'{fingerprint["size"]} bytes, sha256 {recorded["sha256"][:12]} -> {fingerprint["sha256"][:12]}): '
-          'preparing it again', flush=True)
+  if recorded is not None and not provenance.same_contents(recorded, fingerprint):
+    print(f'{files.path} changed since {builder.data_dir} was prepared from it '
+          f'({provenance.describe_change(recorded, fingerprint)}): preparing it again', flush=True)
     shutil.rmtree(builder.data_dir)
     builder = make_builder()
   builder.download_and_prepare()

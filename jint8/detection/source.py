@@ -4,22 +4,22 @@ Paths are POSIX-style and relative to the root: the folder, or the archive's top
 all sit in one top-level folder reads like that folder. Hidden files and folders (``.name``) are left out. An
 archive is read into memory on first use (a .tar.gz has no random access); a folder is read file by file.
 
-The fingerprint (the resolved path, the total size in bytes and a SHA-256 of the contents) tells whether the
-source changed since the data was prepared from it.
+The fingerprint (``jint8.datasets.provenance``: the resolved path, the total size in bytes and a SHA-256 of the
+contents) tells whether the source changed since the data was prepared from it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import pathlib
 import posixpath
 import tarfile
 import zlib
 
+from jint8.datasets import provenance
+
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
-_CHUNK = 1 << 20
 
 
 class Files:
@@ -72,20 +72,7 @@ class Files:
 
   def fingerprint(self) -> dict[str, str | int]:
     """``{"path", "size": bytes, "sha256"}``: of the archive file, or of every file's path, size and contents."""
-    digest, size = hashlib.sha256(), 0
-    if self._is_archive:
-      parts = [(None, self.path)]
-    else:
-      parts = [(name, self.path / name) for name in self.names]
-    for name, path in parts:
-      length = path.stat().st_size
-      if name is not None:
-        digest.update(f'{name}\0{length}\0'.encode())
-      with open(path, 'rb') as f:
-        while chunk := f.read(_CHUNK):
-          digest.update(chunk)
-      size += length
-    return {'path': str(self.path), 'size': size, 'sha256': digest.hexdigest()}
+    return provenance.fingerprint(self.path, None if self._is_archive else self.names)
 
 
 def _member_name(member: tarfile.TarInfo) -> str:

@@ -196,9 +196,10 @@ class Detection(run.Task):
     return ['detections.png']
 
 
-def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.FCOS | None = None
-                       ) -> dict[str, float]:
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, model: fcos.FCOS | None = None,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Runs the ``Detection`` task of ``config`` (the keys of ``configs/detector.py``) in ``workdir``
-  (``jint8.training.run.train_and_evaluate``); returns the final COCO metrics of the evaluation split: ``mAP``
-  (AP@[.5:.95]), ``mAP50``, ``mAP75``, ``AP/<class>``. ``model``, an ``FCOS``, replaces ``create_model(config)``."""
-  return run.train_and_evaluate(Detection(config), workdir, model=model)
+  (``jint8.training.run.train_and_evaluate``, which says what ``allow_config_change`` allows); returns the final
+  COCO metrics of the evaluation split: ``mAP`` (AP@[.5:.95]), ``mAP50``, ``mAP75``, ``AP/<class>``. ``model``, an
+  ``FCOS``, replaces ``create_model(config)``."""
+  return run.train_and_evaluate(Detection(config), workdir, model=model, allow_config_change=allow_config_change)

@@ -136,7 +136,7 @@ class PallasBackend:
                  interpret=interpret, out_dtype=out_dtype)
       return y[:, 0] if one_d else y
 
-    return data_parallel.map_batch(run, (lhs,), (rhs, jnp.asarray(scale, jnp.float32)))
+    return data_parallel.map_batch(run, (lhs,), (rhs, backend.scale_factors(scale)))
 
   def conv_dgrad(self, g, rhs, geometry, in_spatial, scale, out_dtype=jnp.float32):
     lhs_shape = (g.shape[0], *in_spatial, rhs.shape[-2] * geometry.feature_group_count)
@@ -155,7 +155,7 @@ class PallasBackend:
                   out_dtype=out_dtype)
       return dx[:, 0] if one_d else dx
 
-    return data_parallel.map_batch(run, (g,), (rhs, jnp.asarray(scale, jnp.float32)))
+    return data_parallel.map_batch(run, (g,), (rhs, backend.scale_factors(scale)))
 
   def conv_wgrad(self, lhs, g, geometry, kernel_spatial, scale):
     rhs_shape = (*kernel_spatial, lhs.shape[-1] // geometry.feature_group_count, g.shape[-1])
@@ -176,7 +176,7 @@ class PallasBackend:
         dw = wgrad_kernel.conv_wgrad(x, g, _as_2d(geometry), spatial, scale, interpret=interpret, config=cfg)
       return dw[0] if one_d else dw
 
-    return data_parallel.map_batch(run, (lhs, g), (jnp.asarray(scale, jnp.float32),), sum_outputs=True)
+    return data_parallel.map_batch(run, (lhs, g), (backend.scale_factors(scale),), sum_outputs=True)
 
   def matmul(self, a, b, contract, scale):
     if a.ndim != 2 or b.ndim != 2:
@@ -188,7 +188,7 @@ class PallasBackend:
       b = b if contract[1] == 1 else b.T
       return gemm.matmul_kmajor(a, b, scale, interpret=interpret)
 
-    scale = jnp.asarray(scale, jnp.float32)
+    scale = backend.scale_factors(scale)
     if contract[0] == 1:  # a's rows (the batch) split, b replicated
       return data_parallel.map_batch(run, (a,), (b, scale))
     if contract[1] == 0:  # both contracted over their first axis, the batch: a sum over the shards
@@ -199,10 +199,11 @@ class PallasBackend:
 def _vendor_conv(lhs, rhs, geometry: backend.ConvGeometry, scale):
   """XLA's int8 conv (``XlaBackend``'s formulation), s8 x s8 -> f32: cuDNN rejects an s32 output; the sums are
   exact int32 converted."""
-  return backend.lax_conv(lhs, rhs, geometry, jnp.float32) * scale
+  return backend.rescale(backend.lax_conv(lhs, rhs, geometry, jnp.float32), backend.scale_factors(scale))
 
 
 def _vendor_dgrad(g, rhs, geometry: backend.ConvGeometry, in_spatial, scale):
   """dgrad of a stride-1, one-group conv as XLA's int8 conv (``XlaBackend``'s formulation), s8 x s8 -> f32."""
-  return backend.lax_conv_dgrad(g, rhs, geometry, in_spatial, jnp.float32) * scale
+  return backend.rescale(backend.lax_conv_dgrad(g, rhs, geometry, in_spatial, jnp.float32),
+                         backend.scale_factors(scale))
 

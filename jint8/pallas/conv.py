@@ -5,7 +5,7 @@ reduction runs over (kernel tap, source channel). Each A tile is gathered straig
 source (input for the forward, output gradient for dgrad): row offsets come from the pixel and tap, columns are
 contiguous channels, out-of-image taps are masked to zero; no im2col buffer exists in device memory. B is the
 kernel rearranged K-major, ``[groups * columns, taps * source_channels_per_group]`` (a few MB at most). int32
-accumulation, float32 ``* scale`` epilogue rounded to the output dtype (float32 or bfloat16), scattered
+accumulation, float32 ``backend.rescale`` epilogue rounded to the output dtype (float32 or bfloat16), scattered
 channels-last store.
 
 When a group's source channels are a multiple of the K block, a K step stays inside one tap and rows need one
@@ -117,7 +117,7 @@ def _kernel(src_ref, w_ref, table_ref, scale_ref, out_ref, *, plan: geo.ConvPlan
     steps = geo.div(size + bk - 1, bk)
 
   acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.int32))
-  out = (acc.astype(jnp.float32) * scale_ref[0]).astype(out_ref.dtype)
+  out = backend.rescale(acc.astype(jnp.float32), scale_ref).astype(out_ref.dtype)
   mask = r.ok[:, None] & col_ok[None, :]
   offsets = r.out_pixel[:, None] * (groups * group_out) + (group * group_out + cols)[None, :]
   common.scatter(out_ref, offsets, out, mask, interpret=interpret)
@@ -139,7 +139,7 @@ def _implicit_gemm(src, w, plan: geo.ConvPlan, *, group_in, group_out, groups, s
   out = common.call(kernel, out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype), grid=grid,
                     interpret=interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     name='jint8_conv')(src.reshape(-1), w, plan.table(),
-                                       jnp.asarray(scale, jnp.float32).reshape(1))
+                                       backend.scale_factors(scale))
   return out.reshape(plan.batch, plan.h.out_size, plan.w.out_size, groups * group_out)
 
 

@@ -156,6 +156,6 @@ def conv_wgrad(x, g, geometry: backend.ConvGeometry, kernel_spatial, scale, *, i
       kernel, out_shape=jax.ShapeDtypeStruct((splits, kh * kw, cin, group_out), jnp.float32),
       grid=(splits * tiles,), interpret=interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
       name='jint8_conv_wgrad')(x_op, g_op)
-  dw = jnp.sum(partial, axis=0) * jnp.asarray(scale, jnp.float32)
+  dw = backend.rescale(jnp.sum(partial, axis=0), backend.scale_factors(scale))
   dw = dw.reshape(kh, kw, groups, group_in, group_out).transpose(0, 1, 3, 2, 4)
   return dw.reshape(kh, kw, group_in, cout)

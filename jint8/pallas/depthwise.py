@@ -68,7 +68,8 @@ def _kernel(src_ref, w_ref, table_ref, scale_ref, out_ref, *, plan: geo.ConvPlan
       acc = acc + a * w.astype(jnp.int32)[None, :]
   mask = r.ok[:, None] & c_ok[None, :]
   common.scatter(out_ref, r.out_pixel[:, None] * channels + chans[None, :],
-                 (acc.astype(jnp.float32) * scale_ref[0]).astype(out_ref.dtype), mask, interpret=interpret)
+                 backend.rescale(acc.astype(jnp.float32), scale_ref).astype(out_ref.dtype), mask,
+                 interpret=interpret)
 
 
 def _depthwise(src, w2, plan: geo.ConvPlan, scale, *, interpret, config, out_dtype):
@@ -82,7 +83,7 @@ def _depthwise(src, w2, plan: geo.ConvPlan, scale, *, interpret, config, out_dty
   kernel = functools.partial(_kernel, plan=plan, channels=channels, cfg=cfg, interpret=interpret)
   out = common.call(kernel, out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype), grid=grid,
                     interpret=interpret, num_warps=cfg.num_warps, num_stages=2, name='jint8_depthwise')(
-                        src.reshape(-1), w2, plan.table(), jnp.asarray(scale, jnp.float32).reshape(1))
+                        src.reshape(-1), w2, plan.table(), backend.scale_factors(scale))
   return out.reshape(plan.batch, plan.h.out_size, plan.w.out_size, channels)
 
 

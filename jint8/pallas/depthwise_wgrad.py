@@ -84,5 +84,5 @@ def depthwise_wgrad(x, g, geometry: backend.ConvGeometry, kernel_spatial, scale,
       kernel, out_shape=jax.ShapeDtypeStruct((splits, kh * kw, c), jnp.float32), grid=(splits * c_tiles,),
       interpret=interpret, num_warps=4, num_stages=2, name='jint8_depthwise_wgrad')(
           x.reshape(-1), g.reshape(pixels, c))
-  dw = jnp.sum(partial, axis=0) * jnp.asarray(scale, jnp.float32)
+  dw = backend.rescale(jnp.sum(partial, axis=0), backend.scale_factors(scale))
   return dw.reshape(kh, kw, 1, c)

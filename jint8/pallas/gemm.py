@@ -1,4 +1,4 @@
-"""Kernel: int8 x int8 matrix product with int32 accumulation and a float32 ``* scale`` epilogue.
+"""Kernel: int8 x int8 matrix product with int32 accumulation and a float32 ``backend.rescale`` epilogue.
 
 Both operands are K-major (``a [M, K]``, ``b [N, K]``, K contiguous): Hopper's 8-bit tensor-core path needs
 K-major shared-memory tiles for full speed. Programs walk the output tiles in groups of ``GROUP_M`` rows so that
@@ -61,7 +61,7 @@ def _kernel(a_ref, b_ref, scale_ref, out_ref, *, m, n, k, cfg):
     return acc + lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
 
   acc = lax.fori_loop(0, common.cdiv(k, bk), step, jnp.zeros((bm, bn), jnp.int32))
-  out = acc.astype(jnp.float32) * scale_ref[0]
+  out = backend.rescale(acc.astype(jnp.float32), scale_ref)
   common.store(out_ref.at[pl.ds(pid_m * bm, bm), pl.ds(pid_n * bn, bn)], out,
                _and(_col(row_ok), None if col_ok is None else col_ok[None, :]))
 
@@ -78,14 +78,15 @@ def _and(a, b):
 
 def matmul_kmajor(a: jax.Array, b: jax.Array, scale: jax.Array, *, interpret: bool,
                   config: GemmConfig | None = None, max_terms: int = backend.MAX_EXACT_TERMS) -> jax.Array:
-  """``(a @ b.T) * scale`` in float32 for int8 ``a [M, K]`` and ``b [N, K]``, exact in int32."""
+  """``a @ b.T`` (exact in int32) times ``scale`` (``backend.rescale``) in float32, for int8 ``a [M, K]`` and
+  ``b [N, K]``."""
   if a.dtype != jnp.int8 or b.dtype != jnp.int8:
     raise TypeError(f'int8 GEMM takes int8 operands, got {a.dtype} and {b.dtype}')
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
     raise ValueError(f'int8 GEMM needs a [M, K] and b [N, K], got {a.shape} and {b.shape}')
   (m, k), n = a.shape, b.shape[0]
   cfg = config or pick_config(m, n, k)
-  scale = jnp.asarray(scale, jnp.float32).reshape(1)
+  scale = backend.scale_factors(scale)
   chunk = max(cfg.block_k, max_terms // cfg.block_k * cfg.block_k)
 
   def product(a, b, scale):
@@ -103,4 +104,4 @@ def matmul_kmajor(a: jax.Array, b: jax.Array, scale: jax.Array, *, interpret: bo
     part = product(lax.slice_in_dim(a, start, start + size, axis=1),
                    lax.slice_in_dim(b, start, start + size, axis=1), jnp.ones((1,), jnp.float32))
     total = part if total is None else total + part
-  return total * scale
+  return backend.rescale(total, scale)

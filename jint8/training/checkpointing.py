@@ -2,20 +2,84 @@
 
 The tree is whatever the trainer needs to continue bit-exactly (params, BN statistics, optimizer state,
 int8 state, RNG, step, data position). Saving is asynchronous; an interrupted save leaves no step behind
-(orbax commits a step by renaming its temporary folder). A step that cannot be read back is moved aside to
-``<step>.corrupt`` with a warning and the previous one is used instead.
+(orbax commits a step by renaming its temporary folder). Before a step is restored, the shapes and dtypes it holds
+are compared with the tree asked for: a checkpoint of another model is an error that touches nothing. Only a step
+that cannot be read back is moved aside to ``<step>.corrupt``, with a one-line warning, and the previous one is used
+instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging as python_logging
 import os
+import sys
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint holds other arrays (names, shapes or dtypes) than the tree it is restored into."""
+
+
+class NoReadableCheckpoint(ValueError):
+  """Every checkpoint of a run is damaged."""
+
+
+def mismatch(stored: Any, like: Any) -> str | None:
+  """How the arrays of a checkpoint (``stored``: its metadata tree, with ``shape`` and ``dtype`` per array) differ
+  from those of ``like`` (names, shapes, dtypes), ``None`` when they agree."""
+  stored, like = _arrays(stored), _arrays(like)
+  for what, names in (('holds arrays this run lacks', sorted(stored.keys() - like.keys())),
+                      ('lacks arrays this run has', sorted(like.keys() - stored.keys()))):
+    if names:
+      return f'it {what}: {", ".join(names[:3])}' + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+  for name in sorted(stored):
+    if stored[name] != like[name]:
+      (shape, dtype), (like_shape, like_dtype) = stored[name], like[name]
+      return f'{name} is {dtype}{list(shape)} in it, {like_dtype}{list(like_shape)} in this run'
+  return None
+
+
+def _arrays(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """``{"state.params.Conv_0.kernel": (shape, dtype)}`` of the arrays (or their metadata) in ``tree``."""
+  return {jax.tree_util.keystr(path, simple=True, separator='.'): (tuple(x.shape), np.dtype(x.dtype))
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@contextlib.contextmanager
+def _quiet_failed_restore():
+  """Silences what a restore that fails on damaged files leaves behind: orbax's asyncio tasks report their
+  exceptions through the ``asyncio`` logger when they are collected, and TensorStore's reads that finish after
+  the event loop closed as "unraisable" ``RuntimeError('Event loop is closed')``, hundreds of lines in all. The
+  filter of the latter stays installed, since those reads may finish after the restore returned."""
+  asyncio_logger = python_logging.getLogger('asyncio')
+  level, verbosity, hook = asyncio_logger.level, logging.get_verbosity(), sys.unraisablehook
+  asyncio_logger.setLevel(python_logging.CRITICAL)
+  logging.set_verbosity(logging.ERROR)
+  sys.unraisablehook = lambda unraisable: None if _closed_loop(unraisable.exc_value) else hook(unraisable)
+  try:
+    yield
+  finally:
+    gc.collect()  # collects the failed restore's tasks while their logger is quiet
+    asyncio_logger.setLevel(level)
+    logging.set_verbosity(verbosity)
+
+
+def _closed_loop(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def has_checkpoints(directory: str | os.PathLike) -> bool:
+  """Whether ``directory`` holds a saved step (readable or not)."""
+  return os.path.isdir(directory) and bool(ocp.utils.checkpoint_steps(directory))
 
 
 class Checkpointer:
@@ -26,7 +90,8 @@ class Checkpointer:
       raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}')
     self.directory = epath.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     """The newest saved step, ``None`` when there is none."""
@@ -41,23 +106,33 @@ class Checkpointer:
     """Restores the newest readable checkpoint into the structure, dtypes and shardings of ``like``.
 
     Returns ``(step, tree)``, or ``None`` when the directory holds no checkpoint. Unreadable steps are moved
-    aside (with a warning) and older ones tried.
+    aside (with a one-line warning) and older ones tried.
 
     Raises:
-      RuntimeError: checkpoints exist but none can be read.
+      CheckpointMismatch: the newest readable checkpoint holds other arrays than ``like`` (another model); no
+        checkpoint is touched.
+      NoReadableCheckpoint: checkpoints exist but none can be read.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     unreadable = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-      except Exception as e:  # orbax raises many types for damaged files: ValueError, JSONDecodeError, ...
-        unreadable.append(str(self._move_aside(step)))
-        logging.warning('checkpoint step %d in %s cannot be read (%s: %s); moved it to %s; falling back to '
-                        'the previous checkpoint', step, self.directory, type(e).__name__, e, unreadable[-1])
+      error = None
+      with _quiet_failed_restore():
+        try:
+          differs = mismatch(self._manager.item_metadata(step).tree, abstract)
+          if differs is None:
+            return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # orbax raises many types for damaged files: ValueError, JSONDecodeError, ...
+          error = ' '.join(f'{type(e).__name__}: {e}'.split())
+      if error is None:
+        raise CheckpointMismatch(f'checkpoint step {step} in {self.directory} does not fit this run: {differs}. '
+                                 'Nothing was changed: is it the checkpoint of another model or precision?')
+      unreadable.append(str(self._move_aside(step)))
+      logging.warning('checkpoint step %d in %s cannot be read (%s); moved it to %s', step, self.directory,
+                      error if len(error) <= 160 else error[:157] + '...', unreadable[-1])
     if unreadable:
-      raise RuntimeError(f'no readable checkpoint in {self.directory}; the unreadable ones were moved to '
-                         f'{", ".join(unreadable)}. Delete them to start over.')
+      raise NoReadableCheckpoint(f'no readable checkpoint in {self.directory}; the unreadable ones were moved to '
+                                 f'{", ".join(unreadable)}. Delete them to start over.')
     return None
 
   def _move_aside(self, step: int) -> epath.Path:

@@ -1,8 +1,10 @@
 """The training loop: a task's train step run many times in one compiled loop (``multi_step``, ``Loop``) and the
-host loop around it (``train_loop``), which logs, evaluates, saves checkpoints and watches for divergence."""
+host loop around it (``train_loop``), which logs, evaluates, saves checkpoints (every so many steps and minutes),
+watches for divergence and stops at a Ctrl-C."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import time
 from collections.abc import Sequence
@@ -13,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from jint8 import input_pipeline, sharding
-from jint8.training import divergence, metrics, progress
+from jint8.training import divergence, interruption, metrics, progress
 from jint8.training.records import combine_records, step_record, summarize_train
 from jint8.training.resume import checkpoint_tree
 from jint8.training.state import TrainState, order_key
@@ -89,36 +92,69 @@ def make_divergence_check(config: Any, workdir: pathlib.Path, step: int) -> dive
   return divergence.DivergenceCheck(config.divergence_patience, history)
 
 
+def next_stop(step: int, index: int, *, num_steps: int, steps_per_epoch: int, every: Sequence[int],
+              log_every: int) -> int:
+  """The step at which the compiled loop of steps that starts at ``step`` (batch ``index`` of its epoch) ends: the
+  next multiple of any of ``every`` (logs, evaluations, checkpoints), the epoch's end or the run's, and also the
+  steps 1, 2, 4, 8, ... into each log interval of ``log_every`` steps, so that the progress bar moves and shows a
+  rate soon after the start even when a log interval takes minutes. The stops are the same in every run through
+  these steps, so a resumed run combines (and logs) each step's metrics as an uninterrupted one does."""
+  into_interval = step % log_every
+  doubling = step - into_interval + (1 << into_interval.bit_length())
+  return min([(step // n + 1) * n for n in every] + [doubling, num_steps, step + steps_per_epoch - index])
+
+
+def _as_process_0_says(*flags: bool) -> tuple[bool, ...]:
+  """``flags`` as process 0 has them: every process must take the same branch (saving is collective), and wall
+  clocks and Ctrl-Cs differ between processes."""
+  if jax.process_count() == 1:
+    return flags
+  return tuple(bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray(flags)))
+
+
 def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: int, steps_per_epoch: int,
                config: Any, schedule, writer: metrics.MetricWriter, checkpointer, bar: progress.Progress,
                evaluate, show: tuple[str, ...], layer_order: Sequence[str] = (),
-               divergence_check: divergence.DivergenceCheck | None = None):
+               divergence_check: divergence.DivergenceCheck | None = None,
+               stop: interruption.StopOnInterrupt | None = None):
   """Runs ``loop.train_steps`` (``multi_step``) from ``start = (step, epoch, index in epoch)`` to ``num_steps``.
 
-  Logs every ``config.log_every_steps`` (per-layer statistics in ``layer_order``), calls ``evaluate(state,
-  step)`` every ``config.eval_every_steps`` and saves a checkpoint every ``config.checkpoint_every_steps`` (0:
-  once per epoch), all three also at the end; the steps between two of these events (or an epoch's end) run as
-  one compiled loop. ``show`` names the logged scalars shown on the progress bar. Returns the state and the last
-  ``evaluate`` result.
+  Compiles the steps first (the bar says so; the time stays out of the rates). Logs every
+  ``config.log_every_steps`` (per-layer statistics in ``layer_order``), calls ``evaluate(state, step)`` every
+  ``config.eval_every_steps`` and saves a checkpoint every ``config.checkpoint_every_steps`` (0: once per epoch)
+  and after ``config.checkpoint_every_minutes`` (0: never on time), all three also at the end; the steps between
+  two stops (``next_stop``) run as one compiled loop. ``show`` names the logged scalars shown on the progress bar.
+  Returns the state and the last ``evaluate`` result.
 
   Raises:
     divergence.TrainingDiverged: ``divergence_check`` saw the logged training loss return to its starting level
       (pending checkpoints are written first).
+    interruption.TrainingInterrupted: ``stop`` was requested (Ctrl-C); a checkpoint of the step reached is
+      written first.
   """
   step, epoch, index = start
   log_every = config.log_every_steps
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+  save_seconds = 60 * config.checkpoint_every_minutes or float('inf')
+  stops = functools.partial(next_stop, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+                            every=(log_every, eval_every, checkpoint_every), log_every=log_every)
   order = loop.order(state, epoch)
+  if stop is not None:
+    stop.running = f'compiling the train steps and running {_steps(stops(step, index) - step)}'
+  with bar.compiling():
+    loop.train_steps.lower(state, dataset, order, np.int32(index), np.int32(1)).compile()
   pending, interval_steps, interval_start, paused = [], 0, time.perf_counter(), 0.0
+  last_save = time.monotonic()
   result = None
   while step < num_steps:
-    stop = min([(step // every + 1) * every for every in (log_every, eval_every, checkpoint_every)]
-               + [num_steps, step + steps_per_epoch - index])
-    state, record = loop.train_steps(state, dataset, order, np.int32(index), np.int32(stop - step))
+    stop_step = stops(step, index)
+    if stop is not None:
+      stop.running = _steps(stop_step - step)
+    state, record = loop.train_steps(state, dataset, order, np.int32(index), np.int32(stop_step - step))
     pending.append(jax.block_until_ready(record))  # the bar counts finished steps: a true rate and ETA
-    bar.update(stop - step, timed=step > start[0])  # the first call compiled the steps
-    index, interval_steps, step = index + stop - step, interval_steps + stop - step, stop
+    bar.update(stop_step - step)
+    index, interval_steps, step = index + stop_step - step, interval_steps + stop_step - step, stop_step
     if index == steps_per_epoch:
       epoch, index = epoch + 1, 0
       order = loop.order(state, epoch)
@@ -137,14 +173,28 @@ def train_loop(state, loop, dataset, *, start: tuple[int, int, int], num_steps: 
         except divergence.TrainingDiverged:
           checkpointer.wait()
           raise
-    evaluate_now = step % eval_every == 0 or step == num_steps
-    save = step % checkpoint_every == 0 or step == num_steps
-    if evaluate_now or save:
+    if step % eval_every == 0 or step == num_steps:
+      if stop is not None:
+        stop.running = f'the evaluation at step {step}'
       jax.block_until_ready(state)  # so that the pause below holds no training step
       pause_start = time.perf_counter()
-      if evaluate_now:
-        result = evaluate(state, step)
-      if save:
-        checkpointer.save(step, checkpoint_tree(state, epoch, index))
+      result = evaluate(state, step)
       paused += time.perf_counter() - pause_start
+    interrupted, save_due = _as_process_0_says(stop is not None and stop.requested,
+                                               time.monotonic() - last_save >= save_seconds)
+    if step % checkpoint_every == 0 or step == num_steps or save_due or interrupted:
+      jax.block_until_ready(state)
+      pause_start = time.perf_counter()
+      checkpointer.save(step, checkpoint_tree(state, epoch, index))
+      last_save = time.monotonic()
+      paused += time.perf_counter() - pause_start
+    if interrupted and step < num_steps:
+      checkpointer.wait()
+      raise interruption.TrainingInterrupted(
+          f'Stopped by Ctrl-C at step {step} of {num_steps}, with the checkpoint {checkpointer.directory / str(step)}'
+          ': run the same command to resume.')
   return state, result
+
+
+def _steps(n: int) -> str:
+  return 'the current step' if n == 1 else f'the current {n} steps'

@@ -2,9 +2,9 @@
 
 The framework does what every task's run shares: data parallelism over every device (``jint8.sharding``), the
 optimizer and its schedule, the precision (fp32, bf16 or int8), the train state, resuming from the newest
-checkpoint in ``workdir/checkpoints``, the compiled loop of train steps, ``workdir/metrics.jsonl`` and
-TensorBoard, the progress bar and the PNG plots at the end. A task adds its config keys, data, model, train step
-and evaluation.
+checkpoint in ``workdir/checkpoints`` (of the config recorded in ``workdir/config.json``), the compiled loop of train
+steps, stopping at a Ctrl-C, ``workdir/metrics.jsonl`` and TensorBoard, the progress bar and the PNG plots at the
+end. A task adds its config keys, data, model, train step and evaluation.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import optax
 from flax import linen as nn
 
 from jint8 import sharding
-from jint8.training import metrics, optimizers, precision, progress
+from jint8.training import interruption, metrics, optimizers, precision, progress
 from jint8.training.loop import Loop, format_record, make_divergence_check, run_length, train_loop
-from jint8.training.resume import restore_or_initialize
+from jint8.training.resume import check_workdir, restore_or_initialize
 from jint8.training.state import TrainState
 
 
@@ -94,8 +94,8 @@ def validate_config(config: Any, task: str) -> None:
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
     if config[key] < 1:
       raise ValueError(f'config.{key} must be >= 1, got {config[key]}')
-  for key in ('eval_every_steps', 'checkpoint_every_steps', 'num_train_steps', 'divergence_patience',
-              'grad_clip_norm'):
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'checkpoint_every_minutes', 'num_train_steps',
+              'divergence_patience', 'grad_clip_norm'):
     if config[key] < 0:
       raise ValueError(f'config.{key} must be >= 0, got {config[key]}')
   for key in ('max_train_examples', 'max_test_examples'):
@@ -114,21 +114,27 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
   return precision.wrap_optimizer(inner, config)
 
 
-def train_and_evaluate(task: Task, workdir: str | pathlib.Path, *, model: nn.Module | None = None
-                       ) -> dict[str, float]:
+def train_and_evaluate(task: Task, workdir: str | pathlib.Path, *, model: nn.Module | None = None,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Trains and evaluates ``task`` as its config says, in (and resuming from) ``workdir``.
 
   Args:
     task: the task, built from the config.
-    workdir: the run's folder: checkpoints, ``metrics.jsonl``, TensorBoard events, plots, ``config.json``.
+    workdir: the run's folder: checkpoints, ``metrics.jsonl``, TensorBoard events, plots, ``config.json`` (the
+      config, which a resume must match: ``jint8.training.recorded_config``).
     model: a Flax module to train instead of ``task.create_model()``; it is still converted to int8 when
       ``config.precision == "int8"``.
+    allow_config_change: resume the checkpoints of ``workdir`` even when the config differs from the recorded one.
 
   Returns:
     The final metrics of ``task.evaluate``. A run that had already reached its last step only evaluates.
+
+  Raises:
+    ValueError: ``workdir`` cannot hold this run (``resume.check_workdir``), or its checkpoint is of another model.
   """
   config = task.config
   workdir = pathlib.Path(workdir)
+  config_changes = check_workdir(workdir, config, allow_config_change=allow_config_change)
   is_main = jax.process_index() == 0
   mesh = sharding.training_mesh(config)
   with jax.set_mesh(mesh):  # the Pallas kernels run per batch shard (jint8.pallas.data_parallel)
@@ -142,7 +148,8 @@ def train_and_evaluate(task: Task, workdir: str | pathlib.Path, *, model: nn.Mod
     loop = Loop(task.compile(model, mesh), config, model, tx, mesh, data.num_examples)
 
     init_args = (model, tx, data.input_shape, config.seed, sharding.replicated(mesh))
-    checkpointer, state, epoch, index, layer_order = restore_or_initialize(workdir, config, init_args, is_main)
+    checkpointer, state, epoch, index, layer_order = restore_or_initialize(workdir, config, init_args, is_main,
+                                                                           config_changes)
     step = int(state.step)
     if is_main:
       print(f'{jax.device_count()} devices, {task.describe()}, {steps_per_epoch} steps per epoch, {num_steps} '
@@ -164,13 +171,17 @@ def train_and_evaluate(task: Task, workdir: str | pathlib.Path, *, model: nn.Mod
       bar.write(format_record(step, num_steps, split, writer.write(step, split, result)))
       return result, evaluation
 
-    state, (final, evaluation) = train_loop(
-        state, loop, data.batches, start=(step, epoch, index), num_steps=num_steps, steps_per_epoch=steps_per_epoch,
-        config=config, schedule=schedule, writer=writer, checkpointer=checkpointer, bar=bar, evaluate=evaluate,
-        show=task.show, layer_order=layer_order, divergence_check=make_divergence_check(config, workdir, step))
-    bar.close()
-    checkpointer.close()
-    writer.close()
+    try:
+      with interruption.StopOnInterrupt(bar.write) as stop:
+        state, (final, evaluation) = train_loop(
+            state, loop, data.batches, start=(step, epoch, index), num_steps=num_steps,
+            steps_per_epoch=steps_per_epoch, config=config, schedule=schedule, writer=writer,
+            checkpointer=checkpointer, bar=bar, evaluate=evaluate, show=task.show, layer_order=layer_order,
+            divergence_check=make_divergence_check(config, workdir, step), stop=stop)
+    finally:
+      bar.close()
+      checkpointer.close()
+      writer.close()
     if is_main:
       records = metrics.read_records(workdir)
       metrics.plot_curves(records, workdir / 'curves.png')
