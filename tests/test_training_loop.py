@@ -181,7 +181,9 @@ def test_compiling_is_not_training_time(tmp_path):
   _, kwargs = _run_toy_loop(tmp_path, num_steps=4)
   train_loop(jnp.float32(0.0), loop, jnp.ones(40), **kwargs)
   [record] = [r for r in metrics.read_records(tmp_path) if r['split'] == 'train']
-  assert record['images_per_second'] > 40  # 4 images in much less than the second of compiling
+  # With the compiling second counted, 4 images would take >= 1 s (<= 4 images/s); without it, far less than the
+  # 0.5 s this bound allows even on a loaded machine.
+  assert record['images_per_second'] > 8
 
 
 def test_a_stop_request_saves_a_checkpoint_and_ends_the_run(tmp_path):
