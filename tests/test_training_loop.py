@@ -155,24 +155,23 @@ def test_checkpoints_are_also_saved_on_time(tmp_path):
 
 
 class _SlowCompile:
-  """``multi_step(_toy_step)`` jitted, whose compilation takes a second: ahead of time (``lower(...).compile()``) or,
-  as ``jax.jit`` does, in the first call."""
+  """``multi_step(_toy_step)`` jitted, whose compilation takes a second more: ahead of time (``lower(...).compile()``)
+  or, as ``jax.jit`` does, in the first call."""
 
   def __init__(self):
-    self._steps, self._compiled = jax.jit(multi_step(_toy_step)), False
+    self._steps, self._compiled = jax.jit(multi_step(_toy_step)), None
 
   def lower(self, *args):
-    del args
-    return types.SimpleNamespace(compile=self._compile)
+    return types.SimpleNamespace(compile=lambda: self._compile(args))
 
-  def _compile(self):
+  def _compile(self, args):
     time.sleep(1.0)
-    self._compiled = True
+    self._compiled = self._steps.lower(*args).compile()
 
   def __call__(self, *args):
-    if not self._compiled:
-      self._compile()
-    return self._steps(*args)
+    if self._compiled is None:
+      self._compile(args)
+    return self._compiled(*args)
 
 
 def test_compiling_is_not_training_time(tmp_path):
