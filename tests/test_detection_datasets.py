@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from configs import detector
-from jint8.detection import annotations, coco, coco_eval, dataset, source, trainer, voc
+from jint8.detection import annotations, coco, coco_eval, dataset, source, to_coco, trainer, voc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -478,6 +478,29 @@ def test_max_boxes_below_the_data_is_an_error(tmp_path, rng):
 
 
 # ----------------------------------------------------------------------------------------------- COCO mAP
+
+
+def test_voc_written_as_coco_prepares_the_same_examples(tmp_path, rng):
+  """to_coco writes a VOC root so that the COCO reader prepares the same images, boxes, labels, image ids and
+  classes (the names become file names); a missing source is one line naming it."""
+  names = [f'id{i}' for i in range(9)]
+  images = _random_images(rng, ['cat', 'ant', 'bat'], 9, names)
+  _write_voc(tmp_path / 'voc', rng, images, {'train': names[:6], 'val': names[6:]})
+  assert to_coco.main([str(tmp_path / 'voc'), str(tmp_path / 'coco')]) == 0
+  from_voc = dataset.load(_config(tmp_path / 'voc', tmp_path / 'tfds'))
+  from_coco = dataset.load(_config(tmp_path / 'coco', tmp_path / 'tfds', format='coco'))
+  assert from_coco.class_names == from_voc.class_names == ('ant', 'bat', 'cat')
+  assert from_coco.category_ids == from_voc.category_ids == (1, 2, 3)
+  for split in ('train', 'val'):
+    voc_records, coco_records = _records(from_voc, split), _records(from_coco, split)
+    assert sorted(coco_records) == sorted(f'{n}.png' for n in voc_records)
+    for name, record in voc_records.items():
+      other = coco_records[f'{name}.png']
+      assert int(other['image_id']) == int(record['image_id'])
+      np.testing.assert_array_equal(other['image'], record['image'])
+      np.testing.assert_array_equal(other['boxes'], record['boxes'])
+      np.testing.assert_array_equal(other['labels'], record['labels'])
+  assert to_coco.main([str(tmp_path / 'absent'), str(tmp_path / 'out')]) == 1
 
 
 def test_map_is_reported_on_the_source_category_ids(tmp_path, rng):
