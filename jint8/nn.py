@@ -10,7 +10,8 @@ and keep their quantization state in the variable collection ``STATE_COLLECTION`
 
 The stochastic rounding of the gradients draws its seeds from the rng stream ``ROUNDING_RNG``, which a train step
 must give ``apply`` with a new key every step (``rngs={ROUNDING_RNG: key}``, a traced key: one compiled program
-for every seed, as the trainers do); a forward pass alone needs none. ``search_cond`` runs a train step in the
+for every seed, as the trainers do); a forward pass alone needs none. ``Int8Model`` draws one key per call and
+gives its layers seeds derived from it (``quant.layer_seeds``); an op module used on its own draws its own key. ``search_cond`` runs a train step in the
 trace it needs: with the DSGC search (every ``period`` steps) or without it.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -38,9 +40,11 @@ __all__ = ['ROUNDING_RNG', 'STATE_COLLECTION', 'Int8Config', 'Int8ConvGeneralDil
 
 
 class _Int8Op(nn.Module):
-  """Owns a layer's ``QuantState`` variables and takes the rounding seeds from the ``ROUNDING_RNG`` stream."""
+  """Owns a layer's ``QuantState`` variables and the seeds of its stochastic rounding: ``layer_seeds`` when given
+  (``Int8Model`` gives them), else from the ``ROUNDING_RNG`` stream."""
 
   config: Int8Config = Int8Config()
+  layer_seeds: jax.Array | None = None
 
   def quant_state(self) -> QuantState:
     initial = QuantState.initial(self.config.history)
@@ -48,9 +52,11 @@ class _Int8Op(nn.Module):
                         for name, value in zip(QuantState._fields, initial)))
 
   def rounding_seeds(self) -> jax.Array | None:
-    """The seeds of this application's stochastic rounding, from the ``ROUNDING_RNG`` stream's key (``make_rng``
-    folds in the layer's path and a count of its applications); ``None`` without the stream, which only a
-    forward pass may do (the backward pass then asks for it)."""
+    """The seeds of this application's stochastic rounding: ``layer_seeds``, or from the ``ROUNDING_RNG`` stream's
+    key (``make_rng`` folds in the layer's path and a count of its applications); ``None`` without either, which
+    only a forward pass may do (the backward pass then asks for them)."""
+    if self.layer_seeds is not None:
+      return self.layer_seeds
     return quant.rounding_seeds(self.make_rng(ROUNDING_RNG)) if self.has_rng(ROUNDING_RNG) else None
 
 
@@ -115,7 +121,9 @@ class Int8Model(nn.Module):
   """Runs ``model`` with its ``nn.Conv`` and ``nn.Dense`` layers made int8 (per ``policy``).
 
   The model's variables nest under ``"model"``; each int8 layer adds its state to ``STATE_COLLECTION``.
-  Layers given their own ``conv_general_dilated(_cls)`` / ``dot_general(_cls)`` are left alone.
+  Layers given their own ``conv_general_dilated(_cls)`` / ``dot_general(_cls)`` are left alone. Each call draws
+  one key from the ``ROUNDING_RNG`` stream, and the ``i``-th int8 layer application in the call rounds with
+  ``quant.layer_seeds(seeds, i)``: the same order in every trace of the model.
   """
 
   model: nn.Module
@@ -124,6 +132,8 @@ class Int8Model(nn.Module):
 
   def __call__(self, *args, **kwargs):
     first_conv_seen = []
+    seeds = quant.rounding_seeds(self.make_rng(ROUNDING_RNG)) if self.has_rng(ROUNDING_RNG) else None
+    applications = itertools.count()
 
     def interceptor(next_fun, call_args, call_kwargs, context):
       module = context.module
@@ -144,7 +154,8 @@ class Int8Model(nn.Module):
       if keep or getattr(module, attribute) is not None or self.policy.names_float(name):
         return next_fun(*call_args, **call_kwargs)
       # Flax modules are frozen dataclasses: set the op class for the duration of this call only.
-      object.__setattr__(module, attribute, functools.partial(op, config=self.config))
+      layer_seeds = None if seeds is None else quant.layer_seeds(seeds, next(applications))
+      object.__setattr__(module, attribute, functools.partial(op, config=self.config, layer_seeds=layer_seeds))
       try:
         return next_fun(*call_args, **call_kwargs)
       finally:

@@ -87,6 +87,24 @@ def rounding_seeds(key: jax.Array) -> jax.Array:
   return jax.random.key_data(key).reshape(-1)[:2]
 
 
+def _mix32(x: int) -> int:
+  """A 32-bit integer finalizer (xor-shift-multiply), in Python: for constants computed while tracing."""
+  x &= 0xFFFFFFFF
+  x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+  x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+  return x ^ (x >> 16)
+
+
+def layer_seeds(seeds: jax.Array, index: int) -> jax.Array:
+  """The seeds of the ``index``-th int8 layer application in a step, from the step's ``seeds``: two constants of
+  ``index`` added and xored in, scalar integer ops that XLA fuses into the quantizer (a ``jax.random.fold_in``
+  per layer would be a kernel of its own). Different ``index``es give unrelated ``uniform_hash`` streams: the
+  first seed shifts the counter, the second enters the finalizer."""
+  seeds = jnp.asarray(seeds, jnp.uint32)
+  offset = jnp.asarray([_mix32(2 * index + 1), _mix32(2 * index + 2)], jnp.uint32)
+  return jnp.stack([seeds[0] + offset[0], seeds[1] ^ offset[1]])
+
+
 def quantize(x: jax.Array, clip: jax.Array, *, axis: int | None = None,
              seeds: jax.Array | None = None) -> jax.Array:
   """Quantizes ``x`` to int8 with clipping value ``clip``.

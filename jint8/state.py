@@ -150,6 +150,13 @@ def update(int8_state: Any, cotangents: Any) -> Any:
   return treedef.unflatten([{f: getattr(new, f)[i] for f in FIELDS} for i in range(len(olds))])
 
 
+def any_nonfinite(int8_state: Any) -> jax.Array:
+  """True when a layer's last gradient held inf or nan (its ``nonfinite`` flag): one reduction over the flags."""
+  _check(int8_state, STATE_COLLECTION)
+  layers, _, _ = _stacked(int8_state)
+  return jnp.any(jnp.stack([jnp.asarray(layer['nonfinite']) for layer in layers]) > 0)
+
+
 def search_due(int8_state: Any, step: jax.Array, period: int, *, dsgc: bool = True,
                delayed_input_clip: bool = True) -> jax.Array:
   """True when the next step must run the DSGC search code: every ``period`` steps from step 0, and whenever a

@@ -104,6 +104,48 @@ def test_the_rounding_launches_no_random_number_generator(rng):
     assert 'rng_bit_generator' not in text
 
 
+def test_int8_model_folds_one_key_per_call_and_seeds_each_application(rng):
+  """Int8Model draws one key per call, whatever its number of int8 layers, and each application of an int8 layer
+  (a shared one twice) gets its own seeds, which a new key changes."""
+
+  class Shared(nn.Module):
+    depth: int
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3), name='stem')(x)
+      shared = nn.Conv(8, (3, 3), name='shared')
+      for _ in range(self.depth):
+        x = nn.relu(shared(x))
+      return x.mean()
+
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+
+  def seeds_and_hlo(depth, key):
+    model = jnn.Int8Model(Shared(depth))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+      if isinstance(context.module, jnn.Int8ConvGeneralDilated) and context.method_name == '__call__':
+        seen.append(np.asarray(context.module.rounding_seeds()))
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      model.apply(variables, x, rngs={jnn.ROUNDING_RNG: key})
+    loss = lambda p, k: model.apply({**variables, 'params': p}, x, rngs={jnn.ROUNDING_RNG: k})
+    return seen, jax.jit(jax.grad(loss)).lower(variables['params'], key).as_text()
+
+  seeds, hlo = seeds_and_hlo(4, jax.random.key(1))
+  assert len(seeds) == 4 and len({tuple(s) for s in seeds}) == 4
+  again, _ = seeds_and_hlo(4, jax.random.key(1))
+  other, _ = seeds_and_hlo(4, jax.random.key(2))
+  np.testing.assert_array_equal(seeds, again)
+  assert not any(np.array_equal(a, b) for a, b in zip(seeds, other))
+  _, shallow = seeds_and_hlo(1, jax.random.key(1))
+  assert 0 < hlo.count('call @threefry') == shallow.count('call @threefry')
+
+
 def test_explicit_op_modules_plug_into_flax_layers(rng):
   config = jnn.Int8Config(stochastic_rounding=False)
 

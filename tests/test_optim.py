@@ -167,10 +167,11 @@ def test_skip_nonfinite_keeps_params_and_inner_state(rng):
   opt_state = tx.init(params)
   step = jax.jit(tx.update)
   grads = make_grads(rng, params)
-  # an int8 layer that saw a non-finite gradient returns NaN gradients for its input and kernel
+  # an int8 layer that saw a non-finite gradient flags it and returns NaN gradients for its input and kernel
   grads['block']['Conv_1']['kernel'] = jnp.full_like(grads['block']['Conv_1']['kernel'], jnp.nan)
   state = make_state(rng)
-  updates, new_opt_state = step(grads, opt_state, params, int8_state=state)
+  flagged = merge(state, nested(('block', 'Conv_1', OP, 'nonfinite'), f32(1)))
+  updates, new_opt_state = step(grads, opt_state, params, int8_state=flagged)
   assert all(not bool(jnp.any(u)) for u in jax.tree.leaves(updates))  # nothing moves
   assert_trees_equal(new_opt_state, opt_state)  # adam's count and moments
   # The next finite step trains again, from adam's unchanged state.
@@ -178,8 +179,25 @@ def test_skip_nonfinite_keeps_params_and_inner_state(rng):
   assert int(optax.tree_utils.tree_get(new_opt_state, 'count')) == 1
   assert all(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
   unguarded = optim.int8_optimizer(optax.sgd(0.1), skip_nonfinite=False)
-  updates, _ = unguarded.update(grads, unguarded.init(params), params, int8_state=state)
+  updates, _ = unguarded.update(grads, unguarded.init(params), params, int8_state=flagged)
   assert np.isnan(np.asarray(updates['block']['Conv_1']['kernel'])).all()
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf])
+def test_skip_nonfinite_without_int8_layers_checks_every_gradient(rng, bad):
+  """A model without int8 layers (an empty state, or none given): a non-finite value in any gradient skips."""
+  params = make_params(rng)
+  tx = optim.skip_nonfinite_steps(optax.sgd(0.1, momentum=0.9))
+  opt_state = tx.init(params)
+  grads = make_grads(rng, params)
+  leaf = rng.integers(len(jax.tree.leaves(grads)))
+  grads = jax.tree.unflatten(jax.tree.structure(grads), [
+      g.ravel().at[rng.integers(g.size)].set(bad).reshape(g.shape) if i == leaf else g
+      for i, g in enumerate(jax.tree.leaves(grads))])
+  for extra in ({}, {'int8_state': {}}):
+    updates, new_opt_state = jax.jit(tx.update)(grads, opt_state, params, **extra)
+    assert all(not bool(jnp.any(u)) for u in jax.tree.leaves(updates))
+    assert_trees_equal(new_opt_state, opt_state)
 
 
 class TinyNet(nn.Module):

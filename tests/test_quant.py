@@ -92,6 +92,20 @@ def test_rounding_seeds_come_from_the_key_data(rng):
   np.testing.assert_array_equal(np.asarray(quant.rounding_seeds(threefry)), np.asarray(jax.random.key_data(threefry)))
 
 
+def test_layer_seeds_give_unrelated_streams(rng):
+  seeds = jnp.asarray(rng.integers(0, 2 ** 32, size=2), jnp.uint32)
+  layers = np.asarray([quant.layer_seeds(seeds, i) for i in range(64)])
+  assert layers.dtype == np.uint32 and len({tuple(s) for s in layers}) == 64
+  assert not (layers == np.asarray(seeds)).all(axis=1).any()
+  streams = [np.asarray(quant.uniform_hash((200, 300), jnp.asarray(s))).ravel() for s in layers[:4]]
+  for a in range(4):
+    for b in range(a + 1, 4):
+      assert abs(np.corrcoef(streams[a], streams[b])[0, 1]) < 0.02
+      assert abs(np.corrcoef(streams[a][:-1], streams[b][1:])[0, 1]) < 0.02  # nor shifted by an element
+  # the same step seeds and index give the same seeds: every trace of a model rounds alike
+  np.testing.assert_array_equal(np.asarray(quant.layer_seeds(seeds, 5)), layers[5])
+
+
 @pytest.mark.parametrize('scale', [1e-30, 1e-3, 1e30])
 def test_deviation_sums_give_the_float64_cosine_deviation(rng, scale):
   g = heavy_tailed(rng, 5000) * np.float32(scale / 1e-3)
