@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.int8.backend = 'auto'  # 'pallas' (GPU kernels) on a GPU, else 'xla'; or name either
   config.int8.dsgc = True  # Direction Sensitive Gradient Clipping; False clips gradients at max|g| (the ablation)
   config.int8.period = 100  # steps between two DSGC clip searches
+  # > 1: also search as soon as a layer's gradient deviation exceeds this many times its deviation on the last
+  # search step (jint8.state.search_due); 0: only every period
+  config.int8.deviation_jump = 0.0
   config.int8.num_candidates = 32  # DSGC grid: geometric ratios of max|g| from 1 down to min_ratio
   config.int8.min_ratio = 2.0 ** -8
   config.int8.refine = 8  # clips scored in a second pass around the best candidate (0: none)

@@ -188,8 +188,8 @@ def search_cond(step_fn: Callable[..., Any], model: nn.Module, int8_state: Any, 
                 *args) -> Any:
   """``step_fn(model, *args)``, for an ``Int8Model`` traced twice and chosen by ``lax.cond``.
 
-  On the steps where the search is due (``jint8.state.search_due``: every ``period`` steps, and while a layer
-  lacks a clip) ``model`` runs with ``Int8Config(searches=True)``: the DSGC search of every gradient clip and
+  On the steps where the search is due (``jint8.state.search_due``: every ``period`` steps, while a layer lacks
+  a clip, and after a deviation jump when ``Int8Config.deviation_jump`` asks for it) ``model`` runs with ``Int8Config(searches=True)``: the DSGC search of every gradient clip and
   exact activation clips; on the others with ``searches=False``: the stored and delayed clips, no search code,
   every quantizer fused into its producer. The cost is compiling the step twice. Put the whole step (forward,
   backward and the state and optimizer updates) in ``step_fn``: differentiating through the ``lax.cond`` would
@@ -201,5 +201,6 @@ def search_cond(step_fn: Callable[..., Any], model: nn.Module, int8_state: Any, 
   search = model.clone(config=dataclasses.replace(config, searches=True))
   steady = model.clone(config=dataclasses.replace(config, searches=False))
   due = quant_state.search_due(int8_state, step, period, dsgc=config.dsgc,
-                               delayed_input_clip=config.input_clip == 'delayed')
+                               delayed_input_clip=config.input_clip == 'delayed',
+                               deviation_jump=config.deviation_jump)
   return jax.lax.cond(due, lambda: step_fn(search, *args), lambda: step_fn(steady, *args))

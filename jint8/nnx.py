@@ -268,7 +268,8 @@ def search_cond(step_fn: Callable[..., Any], model: nnx.Module, step: jax.Array,
     return step_fn(model, *args)
   due = functools.reduce(jnp.logical_or, [
       quant_state.search_due({name: getattr(layer, name)[...] for name in QuantState._fields}, step, period,
-                             dsgc=layer.config.dsgc, delayed_input_clip=layer.config.input_clip == 'delayed')
+                             dsgc=layer.config.dsgc, delayed_input_clip=layer.config.input_clip == 'delayed',
+                             deviation_jump=layer.config.deviation_jump)
       for layer in layers])
 
   def traced(searches):

@@ -48,6 +48,8 @@ class Int8Config:
       saturate, and ``input_saturation`` records by how much); ``"maxabs"`` with this step's max-abs (exact, a
       reduction pass before the quantizer).
     history: steps of activation max-abs kept for the delayed clip.
+    deviation_jump: ``search_cond`` also runs the search as soon as a layer's gradient deviation exceeds this
+      many times its deviation on its last search step (``jint8.state.search_due``); 0: only every period.
     searches: ``True`` traces a search step: the DSGC search of every gradient clip, and this step's max-abs as
       the activation clip. ``False`` traces a step between searches: the stored clips, no search code.
       ``jint8.nn.search_cond`` runs the train step in the trace the step needs.
@@ -62,6 +64,7 @@ class Int8Config:
   depthwise_channel_clips: bool = False
   input_clip: str = 'delayed'
   history: int = HISTORY
+  deviation_jump: float = 0.0
   searches: bool = True
 
   def __post_init__(self):
@@ -71,6 +74,8 @@ class Int8Config:
       raise ValueError(f'Int8Config.refine must be >= 0, got {self.refine}')
     if self.history < 1:
       raise ValueError(f'Int8Config.history must be >= 1, got {self.history}')
+    if self.deviation_jump and not self.deviation_jump > 1:
+      raise ValueError(f'Int8Config.deviation_jump must be 0 (off) or > 1, got {self.deviation_jump}')
     quant.candidate_ratios(self.num_candidates, self.min_ratio)  # validates the grid
 
   @property
@@ -138,7 +143,8 @@ def _state_cotangent(config, stored_clip, clip, sums, cx, amax):
   kept = stored_clip if config.dsgc and not config.searches else jnp.zeros((), jnp.float32)
   return QuantState.cotangent(
       grad_clip=jnp.where(sums.vv > 0, clip, kept), grad_deviation=jnp.where(finite, sums.deviation(), 0.0),
-      input_clip=cx, input_amax=amax, nonfinite=jnp.where(finite, 0.0, 1.0), history=config.history)
+      input_clip=cx, input_amax=amax, nonfinite=jnp.where(finite, 0.0, 1.0), history=config.history,
+      searched=config.dsgc and config.searches)
 
 
 def _dtype_token(x):

@@ -39,23 +39,28 @@ class QuantState(NamedTuple):
   input_saturation: jax.Array  # max|x| / clip in the last forward: above 1, values beyond the clip saturated
   nonfinite: jax.Array         # 1 when the last gradient held inf or nan
   uses: jax.Array              # applications of the layer in the last step
+  # grad_deviation on the layer's last DSGC search step (0 before the first): what ``search_due`` compares the
+  # deviation of later steps with (its ``deviation_jump``); the steps between searches report 0, which keeps it
+  search_deviation: jax.Array = 0.0
 
   @classmethod
   def initial(cls, history: int = HISTORY) -> 'QuantState':
     """The state before the first step: no clips yet, so the first step searches."""
     zero = jnp.zeros((), jnp.float32)
-    return cls(zero, zero, zero, jnp.zeros((history,), jnp.float32), zero, zero, zero)
+    return cls(zero, zero, zero, jnp.zeros((history,), jnp.float32), zero, zero, zero, zero)
 
   @classmethod
-  def cotangent(cls, *, grad_clip, grad_deviation, input_clip, input_amax, nonfinite, history: int
-                ) -> 'QuantState':
+  def cotangent(cls, *, grad_clip, grad_deviation, input_clip, input_amax, nonfinite, history: int,
+                searched: bool = False) -> 'QuantState':
     """What one application's backward pass returns: the values it used and measured (``uses`` 1).
-    ``input_clip`` is the activation clip it used: its cotangent is the saturation, the field's is 0."""
+    ``input_clip`` is the activation clip it used: its cotangent is the saturation, the field's is 0.
+    ``searched``: whether the step searched the gradient clip (then ``search_deviation`` is the deviation)."""
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     amax = f32(input_amax)
     return cls(f32(grad_clip), f32(grad_deviation), jnp.zeros((), jnp.float32),
                jnp.zeros((history,), jnp.float32).at[0].set(amax), amax / quant.safe_clip(input_clip),
-               f32(nonfinite), jnp.ones((), jnp.float32))
+               f32(nonfinite), jnp.ones((), jnp.float32),
+               f32(grad_deviation) if searched else jnp.zeros((), jnp.float32))
 
   def delayed_input_clip(self) -> jax.Array:
     """The activation clip between searches: the largest max|x| of the last steps (``input_clip``)."""
@@ -127,7 +132,9 @@ def update_layers(old: QuantState, cot: QuantState) -> QuantState:
                     grad_deviation=mean(cot.grad_deviation, old.grad_deviation),
                     input_clip=jnp.max(history, axis=-1), input_amax=history,
                     input_saturation=mean(cot.input_saturation, old.input_saturation),
-                    nonfinite=nonfinite.astype(jnp.float32), uses=uses)
+                    nonfinite=nonfinite.astype(jnp.float32), uses=uses,
+                    search_deviation=jnp.where(write & (cot.search_deviation > 0), cot.search_deviation / n,
+                                               old.search_deviation))
 
 
 def update(int8_state: Any, cotangents: Any) -> Any:
@@ -158,16 +165,29 @@ def any_nonfinite(int8_state: Any) -> jax.Array:
 
 
 def search_due(int8_state: Any, step: jax.Array, period: int, *, dsgc: bool = True,
-               delayed_input_clip: bool = True) -> jax.Array:
+               delayed_input_clip: bool = True, deviation_jump: float = 0.0) -> jax.Array:
   """True when the next step must run the DSGC search code: every ``period`` steps from step 0, and whenever a
   layer lacks a clip that the search provides (a gradient clip with ``dsgc``, an activation clip with
-  ``delayed_input_clip``): before its first step, after a search that saw an all-zero gradient."""
+  ``delayed_input_clip``): before its first step, after a search that saw an all-zero gradient. With
+  ``deviation_jump > 1`` (and ``dsgc``) also as soon as a layer's last deviation exceeds ``deviation_jump`` times
+  its deviation on its last search step: its gradients changed faster than the period assumed. (The deviation
+  of that search step is the new reference, so a deviation that stays high triggers once.)"""
   _check(int8_state, STATE_COLLECTION)
+  if deviation_jump and deviation_jump <= 1:
+    raise ValueError(f'deviation_jump must be 0 (off) or > 1, got {deviation_jump}')
   due = jnp.asarray(step) % period == 0
   layers, _, _ = _stacked(int8_state)
-  clips = ([layer['grad_clip'] for layer in layers] if dsgc else []) + (
-      [layer['input_clip'] for layer in layers] if delayed_input_clip else [])
-  return due | jnp.any(jnp.stack(clips) <= 0) if clips else due
+  field = lambda name: jnp.stack([jnp.asarray(layer[name], jnp.float32) for layer in layers])
+  if not layers:
+    return due
+  if dsgc:
+    due = due | jnp.any(field('grad_clip') <= 0)
+    if deviation_jump:
+      reference = field('search_deviation')
+      due = due | jnp.any((reference > 0) & (field('grad_deviation') > deviation_jump * reference))
+  if delayed_input_clip:
+    due = due | jnp.any(field('input_clip') <= 0)
+  return due
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -125,6 +125,10 @@ def test_invalid_int8_and_model_settings_name_the_key():
   with pytest.raises(ValueError, match='config.int8: .*input_clip'):
     classification.validate_config(config)
   config = tiny.config()
+  config.int8.deviation_jump = 0.5
+  with pytest.raises(ValueError, match=r'config.int8: Int8Config.deviation_jump must be 0 \(off\) or > 1, got 0.5'):
+    classification.validate_config(config)
+  config = tiny.config()
   config.int8.compute_dtype = 'float16'
   with pytest.raises(ValueError, match="config.int8.compute_dtype: 'float16' is not one of"):
     classification.validate_config(config)

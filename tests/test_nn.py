@@ -12,6 +12,7 @@ from flax import traverse_util
 from jint8 import nn as jnn
 from jint8 import ops
 from jint8 import state as quant_state
+from nested_trees import get, merge, nested
 
 
 class SmallCNN(nn.Module):
@@ -290,6 +291,42 @@ def test_search_cond_searches_every_period_and_reuses_the_clips_between(rng, inp
     clips.append(float(int8_state['model']['Conv_1']['Int8ConvGeneralDilated_0']['grad_clip']))
   # searched on steps 0, 3, 6; reused in between
   assert clips[1] == clips[0] and clips[2] == clips[0] and clips[3] != clips[2] and clips[4] == clips[3]
+
+
+def test_search_cond_searches_again_after_a_deviation_jump(rng):
+  """With Int8Config.deviation_jump, a step between searches whose layer deviation jumped runs the search trace:
+  the layer's clip and its search deviation are new, where without it they are kept."""
+  images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+  layer = ('model', 'Conv_1', 'Int8ConvGeneralDilated_0')
+
+  def run(deviation_jump):
+    model = jnn.Int8Model(FloatNet(), config=jnn.Int8Config(deviation_jump=deviation_jump),
+                          policy=jnn.Int8Policy(keep_first_conv_float=False))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+
+    def step(model, params, int8_state, key):
+      loss = lambda p, s: (model.apply({'params': p, jnn.STATE_COLLECTION: s}, images,
+                                       rngs={jnn.ROUNDING_RNG: key}) ** 2).mean()
+      g_state = jax.grad(loss, argnums=1)(params, int8_state)
+      return quant_state.update(int8_state, g_state)
+
+    run_step = jax.jit(lambda k, *args: jnn.search_cond(step, model, args[1], k, 100, *args))
+    params = variables['params']
+    searched = run_step(0, params, variables[jnn.STATE_COLLECTION], jax.random.key(0))
+    reference = float(get(searched, layer + ('search_deviation',)))
+    assert reference > 0 and reference == float(get(searched, layer + ('grad_deviation',)))
+    jumped = merge(searched, nested(layer + ('grad_deviation',), jnp.float32(5 * reference)))
+    after = run_step(1, params, jumped, jax.random.key(1))
+    return searched, after
+
+  searched, after = run(0.0)  # off: step 1 is between searches
+  for path in (layer + ('search_deviation',), ('model', 'Conv_0', 'Int8ConvGeneralDilated_0', 'grad_clip')):
+    assert float(get(after, path)) == float(get(searched, path))
+  searched, after = run(3.0)
+  assert float(get(after, layer + ('search_deviation',))) != float(get(searched, layer + ('search_deviation',)))
+  # Conv_0's gradient passes through Conv_1's stochastic rounding, new every step: searched again, its clip moves
+  first = ('model', 'Conv_0', 'Int8ConvGeneralDilated_0', 'grad_clip')
+  assert float(get(after, first)) != float(get(searched, first))
 
 
 def test_search_cond_runs_a_float_model_as_it_is(rng):

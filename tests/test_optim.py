@@ -35,7 +35,8 @@ def make_state(rng, uses=(1, 1, 1), deviation_range=(0, 0.2)):
   def layer(k):
     return {'grad_clip': f32(rng.uniform(0.5, 2)), 'grad_deviation': f32(rng.uniform(*deviation_range)),
             'input_clip': f32(rng.uniform(1, 4)), 'input_amax': f32(rng.uniform(1, 4, size=16)),
-            'input_saturation': f32(rng.uniform(0.5, 1)), 'nonfinite': f32(0), 'uses': f32(k)}
+            'input_saturation': f32(rng.uniform(0.5, 1)), 'nonfinite': f32(0), 'uses': f32(k),
+            'search_deviation': f32(rng.uniform(0, 0.1))}
   return merge(*[nested(path + (OP,), layer(k)) for path, k in zip(INT8_LAYERS, uses)])
 
 

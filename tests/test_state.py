@@ -119,6 +119,39 @@ def test_search_due_every_period_and_while_a_clip_is_missing(rng):
   assert bool(quant_state.search_due(fresh, 5, 100))
 
 
+def test_search_deviation_is_written_by_search_steps_only(rng):
+  state = make_state(rng)
+  old = {path: float(get(state, path + (OP, 'search_deviation'))) for path in LAYERS}
+  searched = {path: [QuantState.cotangent(grad_clip=1.0, grad_deviation=rng.uniform(0.01, 0.2), input_clip=2.0,
+                                          input_amax=1.0, nonfinite=0.0, history=HISTORY, searched=True)
+                     for _ in range(k)] for path, k in zip(LAYERS, (2, 1, 0))}
+  new = quant_state.update(state, merge(*[nested(path + (OP,), summed(c)) for path, c in searched.items()]))
+  for path, cots in searched.items():
+    expected = np.mean([float(c.grad_deviation) for c in cots]) if cots else old[path]
+    np.testing.assert_allclose(float(get(new, path + (OP, 'search_deviation'))), expected, rtol=1e-6)
+  steady = {path: per_use_cotangents(rng, 1) for path in LAYERS}  # steps between searches report 0
+  kept = quant_state.update(new, merge(*[nested(path + (OP,), summed(c)) for path, c in steady.items()]))
+  for path in LAYERS:
+    assert float(get(kept, path + (OP, 'search_deviation'))) == float(get(new, path + (OP, 'search_deviation')))
+    assert float(get(kept, path + (OP, 'grad_deviation'))) == float(steady[path][0].grad_deviation)
+
+
+def test_search_due_after_a_deviation_jump(rng):
+  state = make_state(rng)
+  for path in LAYERS:
+    state = merge(state, nested(path + (OP,), {'search_deviation': f32(0.02), 'grad_deviation': f32(0.03)}))
+  jumped = merge(state, nested(LAYERS[1] + (OP, 'grad_deviation'), f32(0.05)))  # 2.5x its search's deviation
+  due = lambda s, **kw: bool(quant_state.search_due(s, 4, 3, **kw))
+  assert not due(state, deviation_jump=2.0) and not due(jumped)  # off by default
+  assert due(jumped, deviation_jump=2.0) and not due(jumped, deviation_jump=3.0)
+  assert not due(jumped, deviation_jump=2.0, dsgc=False)  # max|g| clips: nothing to search
+  never_searched = merge(jumped, nested(LAYERS[1] + (OP, 'search_deviation'), f32(0)))
+  assert not due(never_searched, deviation_jump=2.0)
+  for bad in (0.5, 1.0, -2.0):
+    with pytest.raises(ValueError, match='deviation_jump'):
+      quant_state.search_due(state, 4, 3, deviation_jump=bad)
+
+
 def test_layer_records_combine_field_by_field(rng):
   steps = []
   for _ in range(4):

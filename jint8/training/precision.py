@@ -65,6 +65,8 @@ def describe(config: Any) -> str:
     return config.precision
   c = config.int8
   dsgc = f'DSGC every {c.period} steps' if c.dsgc else 'max-abs gradient clip'
+  if c.dsgc and c.deviation_jump:
+    dsgc += f' and after a {c.deviation_jump:g}x deviation jump'
   dclr = f'DCLR alpha {c.alpha:g} beta {c.beta:g}' if c.dclr else 'no DCLR'
   return (f'int8 ({backend.get_backend(c.backend).name} backend, {dsgc}, {dclr}, '
           f'{c.compute_dtype} elsewhere)')
@@ -77,7 +79,7 @@ def int8_config(config: Any) -> Int8Config:
     return Int8Config(backend=c.backend, dsgc=c.dsgc, stochastic_rounding=c.stochastic_rounding,
                       num_candidates=c.num_candidates, min_ratio=c.min_ratio, refine=c.refine,
                       depthwise_channel_clips=c.depthwise_channel_clips, input_clip=c.input_clip,
-                      history=c.history)
+                      history=c.history, deviation_jump=c.deviation_jump)
   except ValueError as e:
     raise ValueError(f'config.int8: {e}') from None
 
