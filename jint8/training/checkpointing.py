@@ -26,6 +26,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jint8.training import interruption
+
 
 class CheckpointMismatch(ValueError):
   """A checkpoint holds other arrays (names, shapes or dtypes) than the tree it is restored into."""
@@ -112,6 +114,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_handlers=ocp.StandardCheckpointHandler())
+    interruption.wait_on_exit(self)  # a Ctrl-C outside the training steps lets a save finish
 
   def latest_step(self) -> int | None:
     """The newest saved step, ``None`` when there is none."""
@@ -121,6 +124,10 @@ class Checkpointer:
     """Starts saving ``tree`` as ``step`` (asynchronous; a step already saved is left as it is)."""
     if step not in self._manager.all_steps():
       self._manager.save(step, args=ocp.args.StandardSave(tree))
+
+  def saving(self) -> bool:
+    """Whether a save started and is not written yet."""
+    return self._manager.is_saving_in_progress()
 
   def restore_latest(self, like: Any) -> tuple[int, Any] | None:
     """Restores the newest readable checkpoint into the structure, dtypes and shardings of ``like``.
