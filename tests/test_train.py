@@ -287,8 +287,8 @@ BAD_INPUTS = {
                         'folder holding it (the data prepared in '),
     'missing archive, nothing prepared': (('--config.dataset.archive={tmp}/missing.tar.gz',
                                            '--config.dataset.data_dir={tmp}/tfds'),
-                                          "error: data archive 'cifar10-jpg.tar.gz' not found; tried: "
-                                          '{tmp}/missing.tar.gz/cifar10-jpg.tar.gz.'),
+                                          'error: config.dataset.archive: {tmp}/missing.tar.gz does not exist (give '
+                                          'the archive cifar10-jpg.tar.gz or the folder holding it)'),
     'foreign archive': (('--config.dataset.archive={tmp}/foreign.tar.gz',),
                         'error: config.dataset.archive: {tmp}/foreign.tar.gz is not the archive that the data '
                         'prepared in '),
