@@ -7,12 +7,29 @@ resumes, if its recorded config (config.json) is this one (--allow_config_change
 `task` picks the task (a module on the framework jint8.training) whose train_and_evaluate runs.
 
 A bad input (config value, data file, workdir) ends the run with one line naming it and exit status 1; --verbose
-(or JINT8_VERBOSE=1) also prints the traceback. Ctrl-C stops after the running steps with a checkpoint (status 130).
+(or JINT8_VERBOSE=1) also prints the traceback. Ctrl-C during training stops after the running steps with a
+checkpoint; at any other moment (starting, compiling, the final evaluation) it ends the run at once in one line, once a
+checkpoint being written is saved. Exit status 130 either way (``jint8.training.interruption``).
 """
 
-import importlib
 import os
+import signal
 import sys
+
+
+def interrupted_while_starting(signum, frame):
+  """Ends the run at a Ctrl-C while the modules load (before anything is written), in one line: a KeyboardInterrupt
+  there is a long traceback, or lost when a callback of jax's swallows it."""
+  del signum, frame
+  os.write(2, b'Interrupted (Ctrl-C) while starting; nothing was written.\n')
+  os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':
+  signal.signal(signal.SIGINT, interrupted_while_starting)  # until interruption.exit_at_interrupt() below
+
+# pylint: disable=g-import-not-at-top,wrong-import-position  (below the handler: the imports take seconds)
+import importlib
 
 from absl import app
 from absl import flags
@@ -110,9 +127,6 @@ def main(argv):
   except interruption.TrainingInterrupted as e:
     sys.stderr.write(f'{e}\n')
     sys.exit(interruption.EXIT_STATUS)
-  except KeyboardInterrupt:
-    sys.stderr.write('Interrupted (Ctrl-C) outside the training steps; the checkpoints saved so far are kept.\n')
-    sys.exit(interruption.EXIT_STATUS)
   except USER_ERRORS as e:
     if verbose(sys.argv):
       raise
@@ -120,4 +134,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  interruption.exit_at_interrupt()  # a Ctrl-C outside the training steps ends the run at once, in one line
   app.run(main, flags_parser=parse_flags)

@@ -117,6 +117,14 @@ def test_missing_archive_names_paths_tried(tmp_path, monkeypatch):
   assert paths.ENV_VAR in message and 'config.dataset.archive' in message
 
 
+def test_a_given_archive_path_that_does_not_exist_is_named(tmp_path):
+  for given in (tmp_path / 'none.tar.gz', tmp_path / 'none'):
+    with pytest.raises(FileNotFoundError) as e:
+      paths.find_archive(cifar10_jpeg.ARCHIVE, given)
+    assert str(e.value) == (f'config.dataset.archive: {given} does not exist (give the archive {cifar10_jpeg.ARCHIVE} '
+                            'or the folder holding it)')
+
+
 def test_corrupt_archive_is_a_clear_error(cifar_subset, tmp_path):
   archive = tmp_path / cifar10_jpeg.ARCHIVE
   data = cifar_subset.archive.read_bytes()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jint8.training import metrics
+from jint8.training import checkpointing, metrics
 from test_datasets import _write_tar, cifar_subset  # noqa: F401  (session fixture)
 
 
@@ -33,9 +33,9 @@ RUN_FLAGS = ('--config.model=tiny:TinyCNN', f'--config.num_train_steps={NUM_STEP
              '--config.log_every_steps=4', '--config.eval_every_steps=8', '--config.checkpoint_every_steps=4')
 
 
-def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None, status=0):
+def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None, background_errors=None, status=0):
   """Runs train.py with the smoke config on the test data; returns the CompletedProcess, which must end with
-  ``status`` (or the Popen)."""
+  ``status`` (or the Popen, writing to ``background_log``, and its stderr to ``background_errors`` when given)."""
   env = dict(os.environ, PYTHONPATH=f'{REPO}{os.pathsep}{REPO / "tests"}', JAX_PLATFORMS='cpu',
              JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
@@ -44,7 +44,8 @@ def _run(cwd, data, cache_dir, *flags, devices=1, background_log=None, status=0)
              f'--config.dataset.archive={data.archive}', f'--config.dataset.data_dir={data.data_dir}',
              *RUN_FLAGS, *flags]
   if background_log is not None:
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=background_log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=background_log,
+                            stderr=background_errors or subprocess.STDOUT)
   result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
   return result
@@ -236,6 +237,41 @@ def test_a_second_ctrl_c_aborts_and_keeps_the_checkpoints(cifar_subset, cache_di
   assert 'Resuming from the checkpoint at step 4' in result.stdout
 
 
+# Moments outside the training steps: while train.py imports its modules (jaxlib's library is loaded first), and,
+# in a new run, while it initializes the state (compiling it; its checkpoint folder was just created).
+CTRL_C_MOMENTS = {
+    'importing': lambda process, workdir: 'jaxlib' in pathlib.Path(f'/proc/{process.pid}/maps').read_text(),
+    'initializing the state': lambda process, workdir: (workdir / 'checkpoints').is_dir(),
+}
+
+
+@pytest.mark.parametrize('moment', list(CTRL_C_MOMENTS))
+def test_a_ctrl_c_outside_the_training_steps_ends_the_run_at_once_in_one_line(uninterrupted, cifar_subset, tmp_path,
+                                                                               moment):
+  workdir = tmp_path / 'run'
+  if moment == 'importing':
+    shutil.copytree(uninterrupted[0], workdir)  # resumes
+  before = _checkpoints(workdir) if workdir.exists() else {}
+  with open(tmp_path / 'out.log', 'w') as out, open(tmp_path / 'err.log', 'w') as err:
+    # A cache of its own: the state's compilation is real.
+    process = _run(tmp_path, cifar_subset, tmp_path / 'cache', f'--workdir={workdir}', background_log=out,
+                   background_errors=err)
+    _wait_for(lambda: CTRL_C_MOMENTS[moment](process, workdir), process)
+    process.send_signal(signal.SIGINT)
+    status = process.wait(timeout=300)
+  stdout, stderr = (tmp_path / 'out.log').read_text(), (tmp_path / 'err.log').read_text()
+  assert status == 130, stdout[-3000:] + stderr[-3000:]
+  said = ['Interrupted (Ctrl-C) outside the training steps; the checkpoints saved so far are kept.']
+  if moment == 'importing':  # or just after
+    said.insert(0, 'Interrupted (Ctrl-C) while starting; nothing was written.')
+  assert len(stderr.splitlines()) == 1 and stderr.strip() in said, stderr[-3000:]  # no traceback, no segfault
+  assert 'Ctrl-C' not in stdout and 'Traceback' not in stdout and '"final_test"' not in stdout
+  if before:
+    assert _checkpoints(workdir) == before
+  else:
+    assert not checkpointing.has_checkpoints(workdir / 'checkpoints')
+
+
 BAD_INPUTS = {
     'unknown key': (('--config.optimizer.learning_rat=0.1',),
                     'error: --config.optimizer.learning_rat: the config has no key optimizer.learning_rat '
@@ -251,8 +287,8 @@ BAD_INPUTS = {
                         'folder holding it (the data prepared in '),
     'missing archive, nothing prepared': (('--config.dataset.archive={tmp}/missing.tar.gz',
                                            '--config.dataset.data_dir={tmp}/tfds'),
-                                          "error: data archive 'cifar10-jpg.tar.gz' not found; tried: "
-                                          '{tmp}/missing.tar.gz/cifar10-jpg.tar.gz.'),
+                                          'error: config.dataset.archive: {tmp}/missing.tar.gz does not exist (give '
+                                          'the archive cifar10-jpg.tar.gz or the folder holding it)'),
     'foreign archive': (('--config.dataset.archive={tmp}/foreign.tar.gz',),
                         'error: config.dataset.archive: {tmp}/foreign.tar.gz is not the archive that the data '
                         'prepared in '),

@@ -39,10 +39,14 @@ def find_archive(filename: str, path: str | os.PathLike | None = None, *,
     key: the config key that names the archive, for the error message.
 
   Raises:
-    FileNotFoundError: naming every path tried and how to point at the archive.
+    FileNotFoundError: naming ``path`` when it does not exist, else every path tried and how to point at the archive.
   """
-  if path and pathlib.Path(path).expanduser().is_file():
-    return pathlib.Path(path).expanduser()
+  if path:
+    given = pathlib.Path(path).expanduser()
+    if given.is_file():
+      return given
+    if not given.exists():
+      raise FileNotFoundError(f'{key}: {given} does not exist (give the archive {filename} or the folder holding it)')
   tried = [d / filename for d in candidate_dirs(path)]
   for candidate in tried:
     if candidate.is_file():

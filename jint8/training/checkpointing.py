@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import logging as python_logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -23,6 +25,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from jint8.training import interruption
 
 
 class CheckpointMismatch(ValueError):
@@ -54,27 +58,45 @@ def _arrays(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+_ORBAX = os.path.dirname(ocp.__file__) + os.sep
+_NEVER_AWAITED = "coroutine '_read_array_index_and_device_put' was never awaited"  # an orbax read
+
+
 @contextlib.contextmanager
 def _quiet_failed_restore():
-  """Silences what a restore that fails on damaged files leaves behind: orbax's asyncio tasks report their
-  exceptions through the ``asyncio`` logger when they are collected, and TensorStore's reads that finish after
-  the event loop closed as "unraisable" ``RuntimeError('Event loop is closed')``, hundreds of lines in all. The
-  filter of the latter stays installed, since those reads may finish after the restore returned."""
+  """Silences what a restore that fails on damaged files leaves behind, hundreds of tracebacks in all: orbax's
+  asyncio tasks log their exceptions through the ``asyncio`` logger when they are collected, and its reads report
+  as "unraisable" (``_restore_leftover``) or as never awaited. Yields a list for the caller to add the error of a
+  failed restore to; then the filters of the reads stay installed, since the reads may end after it returned."""
   asyncio_logger = python_logging.getLogger('asyncio')
   level, verbosity, hook = asyncio_logger.level, logging.get_verbosity(), sys.unraisablehook
   asyncio_logger.setLevel(python_logging.CRITICAL)
   logging.set_verbosity(logging.ERROR)
-  sys.unraisablehook = lambda unraisable: None if _closed_loop(unraisable.exc_value) else hook(unraisable)
-  try:
-    yield
-  finally:
-    gc.collect()  # collects the failed restore's tasks while their logger is quiet
-    asyncio_logger.setLevel(level)
-    logging.set_verbosity(verbosity)
+  sys.unraisablehook = quiet = lambda unraisable: None if _restore_leftover(unraisable) else hook(unraisable)
+  errors = []
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', _NEVER_AWAITED, RuntimeWarning)
+    try:
+      yield errors
+    finally:
+      gc.collect()  # collects the failed restore's tasks while their logger is quiet
+      asyncio_logger.setLevel(level)
+      logging.set_verbosity(verbosity)
+  if errors:
+    warnings.filterwarnings('ignore', _NEVER_AWAITED, RuntimeWarning)
+  elif sys.unraisablehook is quiet:
+    sys.unraisablehook = hook
 
 
-def _closed_loop(error: BaseException | None) -> bool:
-  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+def _restore_leftover(unraisable) -> bool:
+  """Whether an unraisable error is one that a failed restore leaves: a read of orbax's that the failure abandoned,
+  which raises an Exception when it is closed on collection, or a TensorStore read that ended after the restore's
+  event loop closed (``RuntimeError('Event loop is closed')``)."""
+  error, source = unraisable.exc_value, unraisable.object
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    return True
+  return (inspect.iscoroutine(source) and source.cr_code.co_filename.startswith(_ORBAX)
+          and isinstance(error.__context__, GeneratorExit))
 
 
 def has_checkpoints(directory: str | os.PathLike) -> bool:
@@ -92,6 +114,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_handlers=ocp.StandardCheckpointHandler())
+    interruption.wait_on_exit(self)  # a Ctrl-C outside the training steps lets a save finish
 
   def latest_step(self) -> int | None:
     """The newest saved step, ``None`` when there is none."""
@@ -101,6 +124,10 @@ class Checkpointer:
     """Starts saving ``tree`` as ``step`` (asynchronous; a step already saved is left as it is)."""
     if step not in self._manager.all_steps():
       self._manager.save(step, args=ocp.args.StandardSave(tree))
+
+  def saving(self) -> bool:
+    """Whether a save started and is not written yet."""
+    return self._manager.is_saving_in_progress()
 
   def restore_latest(self, like: Any) -> tuple[int, Any] | None:
     """Restores the newest readable checkpoint into the structure, dtypes and shardings of ``like``.
@@ -116,17 +143,17 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     unreadable = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      error = None
-      with _quiet_failed_restore():
+      with _quiet_failed_restore() as errors:
         try:
           differs = mismatch(self._manager.item_metadata(step).tree, abstract)
           if differs is None:
             return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many types for damaged files: ValueError, JSONDecodeError, ...
-          error = ' '.join(f'{type(e).__name__}: {e}'.split())
-      if error is None:
+          errors.append(' '.join(f'{type(e).__name__}: {e}'.split()))
+      if not errors:
         raise CheckpointMismatch(f'checkpoint step {step} in {self.directory} does not fit this run: {differs}. '
                                  'Nothing was changed: is it the checkpoint of another model or precision?')
+      error = errors[0]
       unreadable.append(str(self._move_aside(step)))
       logging.warning('checkpoint step %d in %s cannot be read (%s); moved it to %s', step, self.directory,
                       error if len(error) <= 160 else error[:157] + '...', unreadable[-1])

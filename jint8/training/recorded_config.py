@@ -88,5 +88,6 @@ def check_resume(workdir: pathlib.Path, config: Any, *, allow_change: bool = Fal
     raise ConfigChanged(
         f'{workdir} holds checkpoints of a run with another config ({workdir / CONFIG_FILE}): {describe(changes)}. '
         'Nothing was changed. To start a new run, give another --workdir; to resume this run with the new config '
-        'anyway (its checkpoints must fit the model), pass --allow_config_change (allow_config_change=True).')
+        'anyway (its checkpoints must fit the model), pass --allow_config_change (or '
+        'allow_config_change=True to train_and_evaluate).')
   return changes
