@@ -11,8 +11,9 @@ and keep their quantization state in the variable collection ``STATE_COLLECTION`
 The stochastic rounding of the gradients draws its seeds from the rng stream ``ROUNDING_RNG``, which a train step
 must give ``apply`` with a new key every step (``rngs={ROUNDING_RNG: key}``, a traced key: one compiled program
 for every seed, as the trainers do); a forward pass alone needs none. ``Int8Model`` draws one key per call and
-gives its layers seeds derived from it (``quant.layer_seeds``); an op module used on its own draws its own key. ``search_cond`` runs a train step in the
-trace it needs: with the DSGC search (every ``period`` steps) or without it.
+gives its layers seeds derived from it (``quant.layer_seeds``); an op module used on its own draws its own key.
+``search_cond`` runs a train step in the trace it needs: with the DSGC search (every ``period`` steps) or without
+it.
 """
 
 from __future__ import annotations
@@ -189,9 +190,10 @@ def search_cond(step_fn: Callable[..., Any], model: nn.Module, int8_state: Any, 
   """``step_fn(model, *args)``, for an ``Int8Model`` traced twice and chosen by ``lax.cond``.
 
   On the steps where the search is due (``jint8.state.search_due``: every ``period`` steps, while a layer lacks
-  a clip, and after a deviation jump when ``Int8Config.deviation_jump`` asks for it) ``model`` runs with ``Int8Config(searches=True)``: the DSGC search of every gradient clip and
-  exact activation clips; on the others with ``searches=False``: the stored and delayed clips, no search code,
-  every quantizer fused into its producer. The cost is compiling the step twice. Put the whole step (forward,
+  a clip, and after a deviation jump when ``Int8Config.deviation_jump`` asks for it) ``model`` runs with
+  ``Int8Config(searches=True)``: the DSGC search of every gradient clip and exact activation clips; on the
+  others with ``searches=False``: the stored and delayed clips, no search code, every quantizer fused into its
+  producer. The cost is compiling the step twice. Put the whole step (forward,
   backward and the state and optimizer updates) in ``step_fn``: differentiating through the ``lax.cond`` would
   keep both branches' residuals. A float model (no int8 state) runs as it is.
   """

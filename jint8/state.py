@@ -41,7 +41,7 @@ class QuantState(NamedTuple):
   uses: jax.Array              # applications of the layer in the last step
   # grad_deviation on the layer's last DSGC search step (0 before the first): what ``search_due`` compares the
   # deviation of later steps with (its ``deviation_jump``); the steps between searches report 0, which keeps it
-  search_deviation: jax.Array = 0.0
+  search_deviation: jax.Array
 
   @classmethod
   def initial(cls, history: int = HISTORY) -> 'QuantState':
@@ -98,15 +98,23 @@ def leaves_by_path(tree: Any, is_leaf=None) -> dict[tuple, Any]:
   return {path_keys(path): leaf for path, leaf in leaves}
 
 
-def _stacked(tree: Any) -> tuple[list[dict], Any, QuantState | None]:
-  """The layer dicts of a state tree (in flattening order), its treedef, and their fields stacked along a new
-  leading axis (``None`` without layers, or when the layers' histories differ in length)."""
+def _layers(tree: Any) -> tuple[list[dict], Any]:
+  """The layer dicts of a state tree, in flattening order, and its treedef."""
   layers, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_layer)
-  layers = [layer for layer in layers if is_layer(layer)]
+  return [layer for layer in layers if is_layer(layer)], treedef
+
+
+def _field(layers: list[dict], name: str) -> jax.Array:
+  """A field of every layer, stacked along a new leading axis (float32)."""
+  return jnp.stack([jnp.asarray(layer[name], jnp.float32) for layer in layers])
+
+
+def _stacked(layers: list[dict]) -> QuantState | None:
+  """The layers' fields stacked along a new leading axis; ``None`` without layers, or when the layers' histories
+  differ in length."""
   if not layers or len({jnp.shape(layer['input_amax']) for layer in layers}) > 1:
-    return layers, treedef, None
-  return layers, treedef, QuantState(*(jnp.stack([jnp.asarray(layer[f], jnp.float32) for layer in layers])
-                                       for f in FIELDS))
+    return None
+  return QuantState(*(_field(layers, f) for f in FIELDS))
 
 
 def _check(tree: Any, what: str) -> None:
@@ -148,8 +156,8 @@ def update(int8_state: Any, cotangents: Any) -> Any:
   _check(cotangents, f'{STATE_COLLECTION} cotangents')
   if jax.tree.structure(int8_state) != jax.tree.structure(cotangents):
     raise ValueError(f'{STATE_COLLECTION} and its cotangents differ in structure')
-  olds, treedef, old = _stacked(int8_state)
-  _, _, cot = _stacked(cotangents)
+  olds, treedef = _layers(int8_state)
+  old, cot = _stacked(olds), _stacked(_layers(cotangents)[0])
   if old is None:  # no layers, or histories of different lengths: layer by layer
     return jax.tree.map(lambda o, c: update_layers(QuantState(**o), QuantState(**c))._asdict(),
                         int8_state, cotangents, is_leaf=is_layer)
@@ -160,8 +168,7 @@ def update(int8_state: Any, cotangents: Any) -> Any:
 def any_nonfinite(int8_state: Any) -> jax.Array:
   """True when a layer's last gradient held inf or nan (its ``nonfinite`` flag): one reduction over the flags."""
   _check(int8_state, STATE_COLLECTION)
-  layers, _, _ = _stacked(int8_state)
-  return jnp.any(jnp.stack([jnp.asarray(layer['nonfinite']) for layer in layers]) > 0)
+  return jnp.any(_field(_layers(int8_state)[0], 'nonfinite') > 0)
 
 
 def search_due(int8_state: Any, step: jax.Array, period: int, *, dsgc: bool = True,
@@ -176,17 +183,16 @@ def search_due(int8_state: Any, step: jax.Array, period: int, *, dsgc: bool = Tr
   if deviation_jump and deviation_jump <= 1:
     raise ValueError(f'deviation_jump must be 0 (off) or > 1, got {deviation_jump}')
   due = jnp.asarray(step) % period == 0
-  layers, _, _ = _stacked(int8_state)
-  field = lambda name: jnp.stack([jnp.asarray(layer[name], jnp.float32) for layer in layers])
+  layers, _ = _layers(int8_state)
   if not layers:
     return due
   if dsgc:
-    due = due | jnp.any(field('grad_clip') <= 0)
+    due = due | jnp.any(_field(layers, 'grad_clip') <= 0)
     if deviation_jump:
-      reference = field('search_deviation')
-      due = due | jnp.any((reference > 0) & (field('grad_deviation') > deviation_jump * reference))
+      reference = _field(layers, 'search_deviation')
+      due = due | jnp.any((reference > 0) & (_field(layers, 'grad_deviation') > deviation_jump * reference))
   if delayed_input_clip:
-    due = due | jnp.any(field('input_clip') <= 0)
+    due = due | jnp.any(_field(layers, 'input_clip') <= 0)
   return due
 
 

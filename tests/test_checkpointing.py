@@ -93,7 +93,8 @@ def test_truncated_array_files_give_one_warning_line_and_no_noise(tmp_path, capl
 ])
 def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, like, message):
   _save(tmp_path, (1, 2))
-  with pytest.raises(checkpointing.CheckpointMismatch, match=f'checkpoint step 2 in .* does not fit this run: {message}'):
+  expected = f'checkpoint step 2 in .* does not fit this run: {message}'
+  with pytest.raises(checkpointing.CheckpointMismatch, match=expected):
     checkpointing.Checkpointer(tmp_path).restore_latest(like)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']  # nothing moved aside
   assert checkpointing.Checkpointer(tmp_path).restore_latest(_like())[0] == 2

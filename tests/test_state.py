@@ -24,7 +24,7 @@ def make_state(rng):
   def layer():
     history = rng.uniform(1, 4, size=HISTORY)
     return QuantState(f32(rng.uniform(0.5, 2)), f32(rng.uniform(0, 0.2)), f32(history.max()), f32(history),
-                      f32(rng.uniform(0.5, 1)), f32(0), f32(1))._asdict()
+                      f32(rng.uniform(0.5, 1)), f32(0), f32(1), f32(rng.uniform(0, 0.1)))._asdict()
   return merge(*[nested(path + (OP,), layer()) for path in LAYERS])
 
 
